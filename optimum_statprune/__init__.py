@@ -1,0 +1,7 @@
+"""optimum-statprune: post-training pruning of causal LMs from first-order statistics."""
+
+from .config import StatPruneConfig
+
+__version__ = "0.1.0"
+
+__all__ = ["StatPruneConfig", "__version__"]

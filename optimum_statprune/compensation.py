@@ -1,0 +1,169 @@
+"""Corrections applied after the mask is fixed, and the safety check that decides whether to keep them.
+
+All functions are pure tensor math in float32. ``w0`` is the original weight ``[d_out, d_in]``,
+``mask`` the bool keep-mask of the same shape. Every returned weight is multiplied by the mask, so a
+correction never revives a pruned weight or breaks an N:M group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .stats import ChannelStats
+
+_TINY = 1e-12
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to(torch.float32)
+
+
+def _ratio_scale(num: torch.Tensor, den: torch.Tensor, clamp: tuple[float, float]) -> torch.Tensor:
+    """``clamp(sqrt(num / den), lo, hi)``; 1 where the denominator is empty (nothing left to scale)."""
+    scale = torch.sqrt(num / den.clamp_min(_TINY))
+    scale = scale.where(den > _TINY, torch.ones_like(scale))
+    return scale.clamp(clamp[0], clamp[1])
+
+
+def ec_column_scale(w0: torch.Tensor, w: torch.Tensor, centered: bool, clamp: tuple[float, float]) -> torch.Tensor:
+    """Per input column j: ``sqrt(sum_i (w0_ij - mu_j)^2 / sum_i (w_ij - mu_j)^2)``, mu from ``w0``."""
+    mu = w0.mean(dim=0, keepdim=True) if centered else torch.zeros_like(w0[:1])
+    return _ratio_scale((w0 - mu).square().sum(0), (w - mu).square().sum(0), clamp)
+
+
+def ec_row_scale(w0: torch.Tensor, w: torch.Tensor, centered: bool, clamp: tuple[float, float]) -> torch.Tensor:
+    """Per output row i: the same energy ratio taken along the row, mu from ``w0``."""
+    mu = w0.mean(dim=1, keepdim=True) if centered else torch.zeros_like(w0[:, :1])
+    return _ratio_scale((w0 - mu).square().sum(1), (w - mu).square().sum(1), clamp)
+
+
+def energy_compensation(
+    w0: torch.Tensor,
+    mask: torch.Tensor,
+    steps: str = "column,row",
+    centered: bool = True,
+    clamp: tuple[float, float] = (1.0, 2.0),
+) -> torch.Tensor:
+    """EC: rescale surviving weights so each column's and/or row's centered energy is restored."""
+    w0 = _f32(w0)
+    w = w0 * mask
+    for step in steps.split(","):
+        if step == "column":
+            w = mask * (w * ec_column_scale(w0, w, centered, clamp)[None, :])
+        elif step == "row":
+            w = mask * (w * ec_row_scale(w0, w, centered, clamp)[:, None])
+        else:
+            raise ValueError(f"unknown EC step {step!r}; use 'column' and/or 'row'")
+    return w
+
+
+def activation_energy_row_scale(
+    w0: torch.Tensor, mask: torch.Tensor, second_moment: torch.Tensor, clamp: tuple[float, float]
+) -> torch.Tensor:
+    """Per row: ``sqrt(sum_j w0_ij^2 m2_j / sum_j M_ij w0_ij^2 m2_j)``, the output energy the row lost."""
+    e = _f32(w0).square() * second_moment.to(w0.device, torch.float32)[None, :]
+    return _ratio_scale(e.sum(1), (e * mask).sum(1), clamp)
+
+
+def lsq_row_scale(w0: torch.Tensor, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Per row, the ``s_i`` minimising ``||w0_i X - s_i w_i X||^2`` over token rows ``x`` ``[k, d_in]``."""
+    x = _f32(x)
+    y0 = x @ _f32(w0).T
+    y = x @ _f32(w).T
+    num = (y0 * y).sum(0)
+    den = y.square().sum(0)
+    return torch.where(den > _TINY, num / den.clamp_min(_TINY), torch.ones_like(den))
+
+
+def bias_shift(w0: torch.Tensor, mask: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """FLAP-style mean compensation: ``delta b_i = sum_j (1 - M_ij) w0_ij mu_j``."""
+    return (_f32(w0) * (~mask)) @ mean.to(w0.device, torch.float32)
+
+
+def output_error(
+    w0: torch.Tensor,
+    w: torch.Tensor,
+    x: torch.Tensor,
+    bias_delta: torch.Tensor | None = None,
+) -> float:
+    """``||X w0^T - (X w^T + delta_b)||^2`` summed over the token rows ``x``."""
+    x = _f32(x)
+    diff = x @ (_f32(w0) - _f32(w)).T
+    if bias_delta is not None:
+        diff = diff - bias_delta[None, :]
+    return float(diff.square().sum())
+
+
+@dataclass
+class Compensated:
+    """A layer's final weight, an optional bias shift, and the record the manifest keeps."""
+
+    weight: torch.Tensor
+    bias_delta: torch.Tensor | None = None
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+def compensate(
+    w0: torch.Tensor,
+    mask: torch.Tensor,
+    kind: str,
+    stats: ChannelStats | None = None,
+    *,
+    has_bias: bool = True,
+    add_bias: bool = False,
+    ec_steps: str = "column,row",
+    ec_centered: bool = True,
+    ec_clamp: tuple[float, float] = (1.0, 2.0),
+    safety_check: bool = False,
+) -> Compensated:
+    """Apply compensation ``kind`` to the masked weight; with ``safety_check``, keep it only if it lowers
+    the output error on the token subsample, and record both errors either way when a subsample exists."""
+    w0 = _f32(w0)
+    pruned = w0 * mask
+    record: dict[str, Any] = {"kind": kind}
+    if kind == "none":
+        return Compensated(pruned, None, {"kind": "none", "applied": False})
+
+    bias_delta = None
+    if kind == "ec":
+        weight = energy_compensation(w0, mask, ec_steps, ec_centered, ec_clamp)
+    elif kind == "ec-activation":
+        weight = pruned * activation_energy_row_scale(w0, mask, _need(stats, kind).second_moment, ec_clamp)[:, None]
+    elif kind == "lsq":
+        sample = _need(stats, kind).sample
+        if sample is None:
+            raise ValueError("lsq compensation needs a token subsample (sample_tokens > 0)")
+        weight = pruned * lsq_row_scale(w0, pruned, sample.to(w0.device))[:, None]
+    elif kind == "bias":
+        if not (has_bias or add_bias):
+            return Compensated(pruned, None, {"kind": kind, "applied": False, "reason": "layer has no bias"})
+        weight = pruned
+        bias_delta = bias_shift(w0, mask, _need(stats, kind).mean)
+    else:
+        raise ValueError(f"unknown compensation {kind!r}")
+    weight = weight * mask
+
+    applied = True
+    sample = stats.sample if stats is not None else None
+    if sample is not None:
+        sample = sample.to(w0.device)
+        err_none = output_error(w0, pruned, sample)
+        err_comp = output_error(w0, weight, sample, bias_delta)
+        record.update(error_none=err_none, error_compensated=err_comp)
+        if safety_check:
+            applied = err_comp < err_none
+    elif safety_check:
+        raise ValueError("the safety check needs a token subsample (sample_tokens > 0)")
+    record["applied"] = applied
+    if not applied:
+        return Compensated(pruned, None, record)
+    return Compensated(weight, bias_delta, record)
+
+
+def _need(stats: ChannelStats | None, kind: str) -> ChannelStats:
+    if stats is None:
+        raise ValueError(f"{kind} compensation needs activation statistics")
+    return stats

@@ -1,0 +1,203 @@
+"""`StatPruneConfig`: every choice a pruning run makes, validated on construction, JSON round-trip."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+CONFIG_NAME = "statprune_config.json"
+SCHEMA_VERSION = 1
+
+METHODS = ("magnitude", "wanda", "ria", "cvr", "statprune")
+GROUPS = ("row", "layer")
+WEIGHT_STAT_AXES = ("column", "row")
+COMPENSATIONS = ("none", "ec", "ec-activation", "lsq", "bias")
+EC_STEPS = ("column", "row", "column,row", "row,column")
+ACTIVATION_METHODS = ("wanda", "ria", "cvr", "statprune")
+
+_PATTERN_RE = re.compile(r"^(\d+):(\d+)$")
+
+# What the "statprune" preset means where the user leaves a field at None.
+PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
+    "statprune": {"compensation": "lsq", "safety_check": True},
+}
+
+
+def _fail(name: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"StatPruneConfig.{name}={value!r} is not valid: {allowed}.")
+
+
+@dataclass
+class StatPruneConfig:
+    """What to prune, how, and with which calibration.
+
+    Fields left at ``None`` take the method's defaults (see ``resolved()``), so a saved config
+    records what the user asked for and the manifest records what was actually run.
+    """
+
+    method: str = "statprune"
+    sparsity: float = 0.5
+    pattern: str = "unstructured"
+    group: str = "row"
+    # CVR: S_ij = |W_ij| * Var(x_j)^(1/4) * (sigma^2_W + eps)^(-alpha/2)
+    alpha: float = 1.0
+    eps: float = 1e-8
+    weight_stat_axis: str = "column"
+    ria_power: float = 0.5
+    compensation: str | None = None
+    safety_check: bool | None = None
+    ec_steps: str = "column,row"
+    ec_centered: bool = True
+    ec_clamp: tuple[float, float] = (1.0, 2.0)
+    add_bias: bool = False
+    sample_tokens: int = 2048
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+    batch_size: int = 8
+    sequential: bool = True
+    targets: list[str] | None = None
+    ignore: list[str] = field(default_factory=list)
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        if isinstance(self.ec_clamp, list):
+            self.ec_clamp = tuple(self.ec_clamp)
+        if isinstance(self.ignore, str):
+            self.ignore = [self.ignore]
+        if isinstance(self.targets, str):
+            self.targets = [self.targets]
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            _fail("method", self.method, f"choose one of {', '.join(METHODS)}")
+        if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)) or not 0 < self.sparsity < 1:
+            _fail("sparsity", self.sparsity, "use a fraction strictly between 0 and 1, e.g. 0.5")
+        if self.pattern != "unstructured":
+            m = _PATTERN_RE.match(str(self.pattern))
+            if not m:
+                _fail("pattern", self.pattern, "use 'unstructured' or 'N:M' such as '2:4'")
+            n, mm = int(m.group(1)), int(m.group(2))
+            if not 0 < n < mm:
+                _fail("pattern", self.pattern, "N:M needs 0 < N < M (N weights kept in every group of M)")
+        if self.group not in GROUPS:
+            _fail("group", self.group, f"choose one of {', '.join(GROUPS)}")
+        for name in ("alpha", "eps", "ria_power"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
+                _fail(name, v, "use a real number")
+        if self.alpha < 0:
+            _fail("alpha", self.alpha, "use a number >= 0")
+        if self.eps <= 0:
+            _fail("eps", self.eps, "use a positive number such as 1e-8")
+        if self.weight_stat_axis not in WEIGHT_STAT_AXES:
+            _fail("weight_stat_axis", self.weight_stat_axis, f"choose one of {', '.join(WEIGHT_STAT_AXES)}")
+        if self.compensation is not None and self.compensation not in COMPENSATIONS:
+            _fail("compensation", self.compensation, f"choose one of {', '.join(COMPENSATIONS)}")
+        if self.safety_check is not None and not isinstance(self.safety_check, bool):
+            _fail("safety_check", self.safety_check, "use true or false")
+        if self.ec_steps not in EC_STEPS:
+            _fail("ec_steps", self.ec_steps, f"choose one of {', '.join(EC_STEPS)}")
+        if not (
+            isinstance(self.ec_clamp, tuple)
+            and len(self.ec_clamp) == 2
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in self.ec_clamp)
+            and 0 < self.ec_clamp[0] <= self.ec_clamp[1]
+        ):
+            _fail("ec_clamp", self.ec_clamp, "use a pair (low, high) with 0 < low <= high, e.g. (1.0, 2.0)")
+        for name in ("sample_tokens", "nsamples", "seqlen", "batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                _fail(name, v, "use a positive integer")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            _fail("seed", self.seed, "use a non-negative integer")
+        for name in ("targets", "ignore"):
+            v = getattr(self, name)
+            if v is None and name == "targets":
+                continue
+            if not isinstance(v, list) or not all(isinstance(p, str) and p for p in v):
+                _fail(name, v, "use a list of module-name patterns (regular expressions)")
+            for p in v:
+                try:
+                    re.compile(p)
+                except re.error as e:
+                    _fail(name, p, f"not a valid regular expression ({e})")
+        if self.schema_version != SCHEMA_VERSION:
+            _fail("schema_version", self.schema_version, f"this version of optimum-statprune reads schema {SCHEMA_VERSION}")
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        """(N, M) for an N:M pattern, else None."""
+        if self.pattern == "unstructured":
+            return None
+        n, m = self.pattern.split(":")
+        return int(n), int(m)
+
+    @property
+    def effective_sparsity(self) -> float:
+        """The fraction pruned: ``sparsity`` for unstructured, ``1 - N/M`` for N:M."""
+        nm = self.nm
+        return self.sparsity if nm is None else 1.0 - nm[0] / nm[1]
+
+    @property
+    def needs_activations(self) -> bool:
+        return self.method in ACTIVATION_METHODS or self.resolved_compensation() not in ("none", "ec")
+
+    def resolved_compensation(self) -> str:
+        if self.compensation is not None:
+            return self.compensation
+        return PRESET_DEFAULTS.get(self.method, {}).get("compensation", "none")
+
+    def resolved_safety_check(self) -> bool:
+        if self.safety_check is not None:
+            return self.safety_check
+        return PRESET_DEFAULTS.get(self.method, {}).get("safety_check", False)
+
+    def resolved(self) -> dict[str, Any]:
+        """The config as run: preset defaults filled in."""
+        d = self.to_dict()
+        d["compensation"] = self.resolved_compensation()
+        d["safety_check"] = self.resolved_safety_check()
+        return d
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["ec_clamp"] = list(self.ec_clamp)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StatPruneConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(
+                f"StatPruneConfig has no field(s) {', '.join(unknown)}; known fields: {', '.join(sorted(known))}."
+            )
+        return cls(**data)
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> str:
+        """Write ``statprune_config.json`` into ``save_directory`` (atomically)."""
+        from .io import atomic_write_text
+
+        os.makedirs(save_directory, exist_ok=True)
+        path = os.path.join(save_directory, CONFIG_NAME)
+        atomic_write_text(path, self.to_json_string())
+        return path
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> StatPruneConfig:
+        path = os.path.join(directory, CONFIG_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"No {CONFIG_NAME} in {directory}.")
+        with open(path, encoding="utf-8") as f:
+            return cls.from_dict(json.load(f))

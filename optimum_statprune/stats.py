@@ -1,0 +1,150 @@
+"""Per-input-channel activation statistics: count, sum and sum of squares, plus a token subsample.
+
+Sums are kept in float64 so that half-precision activations of ~1e4 ("massive activations") neither
+overflow nor lose their variance to cancellation in ``m2 - mean^2``. Two accumulators merge by
+addition, so several devices can all-reduce them.
+
+The token subsample (used by the least-squares scale and the safety check) is a bottom-k sample on a
+hash of each token's global index: which rows are kept depends on the seed and on the token order,
+never on how the tokens were split into batches.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_M32 = 0xFFFFFFFF
+# float64 elements converted at once; bounds the transient memory of an update.
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mix ("lowbias32") computed in int64; inputs and outputs lie in [0, 2^32)."""
+    x = x & _M32
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
+def token_keys(index: torch.Tensor, seed: int) -> torch.Tensor:
+    """Sampling priority of each global token index (smaller is kept first); unique per index."""
+    h = _hash32(_hash32(index) ^ _hash32(torch.full_like(index, seed + 0x9E3779B9)))
+    return (h << 31) | (index & 0x7FFFFFFF)
+
+
+class ChannelStats:
+    """Accumulates statistics of a linear layer's input, one entry per input channel."""
+
+    def __init__(
+        self,
+        dim: int,
+        sample_size: int = 0,
+        seed: int = 0,
+        index_offset: int = 0,
+        device: torch.device | str | None = None,
+    ):
+        self.dim = dim
+        self.index_offset = index_offset
+        self.sample_size = sample_size
+        self.seed = seed
+        self.count = 0
+        self.sum = torch.zeros(dim, dtype=torch.float64, device=device)
+        self.sumsq = torch.zeros(dim, dtype=torch.float64, device=device)
+        self.sample_keys = torch.empty(0, dtype=torch.int64, device=device)
+        self.sample_rows: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ accumulation
+    @torch.no_grad()
+    def update(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """Add tokens ``x`` of shape ``[..., dim]``; ``mask`` (shape ``x.shape[:-1]``, True = real token) drops padding."""
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"expected inputs with {self.dim} channels, got shape {tuple(x.shape)}")
+        rows = x.reshape(-1, self.dim)
+        if mask is not None:
+            rows = rows[mask.reshape(-1).to(device=rows.device, dtype=torch.bool)]
+        n = rows.shape[0]
+        if n == 0:
+            return
+        if self.sum.device != rows.device:
+            self.to(rows.device)
+        step = max(1, _CHUNK_ELEMENTS // self.dim)
+        for start in range(0, n, step):
+            chunk = rows[start : start + step].to(torch.float64)
+            self.sum += chunk.sum(0)
+            self.sumsq += chunk.square().sum(0)
+        if self.sample_size:
+            first = self.index_offset + self.count
+            index = torch.arange(first, first + n, device=rows.device, dtype=torch.int64)
+            self._offer(token_keys(index, self.seed), rows)
+        self.count += n
+
+    def _offer(self, keys: torch.Tensor, rows: torch.Tensor) -> None:
+        k = min(self.sample_size, keys.numel())
+        if keys.numel() > k:
+            keys, idx = torch.topk(keys, k, largest=False, sorted=False)
+            rows = rows[idx]
+        if self.sample_rows is None:
+            self.sample_keys, self.sample_rows = keys, rows.clone()
+            return
+        all_keys = torch.cat([self.sample_keys, keys.to(self.sample_keys.device)])
+        all_rows = torch.cat([self.sample_rows, rows.to(self.sample_rows.device, self.sample_rows.dtype)])
+        if all_keys.numel() > self.sample_size:
+            all_keys, idx = torch.topk(all_keys, self.sample_size, largest=False, sorted=False)
+            all_rows = all_rows[idx]
+        self.sample_keys, self.sample_rows = all_keys, all_rows
+
+    def merge(self, other: ChannelStats) -> ChannelStats:
+        """Add another accumulator's tokens (e.g. from another device). Subsample keys must not collide,
+        so accumulators that saw different tokens should be built with disjoint ``index_offset`` ranges."""
+        if other.dim != self.dim:
+            raise ValueError(f"cannot merge statistics of {other.dim} channels into {self.dim}")
+        self.sum += other.sum.to(self.sum.device)
+        self.sumsq += other.sumsq.to(self.sumsq.device)
+        if self.sample_size and other.sample_rows is not None:
+            self._offer(other.sample_keys.to(self.sum.device), other.sample_rows.to(self.sum.device))
+        self.count += other.count
+        return self
+
+    def to(self, device: torch.device | str) -> ChannelStats:
+        self.sum = self.sum.to(device)
+        self.sumsq = self.sumsq.to(device)
+        self.sample_keys = self.sample_keys.to(device)
+        if self.sample_rows is not None:
+            self.sample_rows = self.sample_rows.to(device)
+        return self
+
+    # ------------------------------------------------------------------ derived statistics
+    def _require_tokens(self) -> None:
+        if self.count == 0:
+            raise ValueError("no calibration tokens reached this layer")
+
+    @property
+    def mean(self) -> torch.Tensor:
+        self._require_tokens()
+        return self.sum / self.count
+
+    @property
+    def second_moment(self) -> torch.Tensor:
+        """``m2_j = sum x_j^2 / n``."""
+        self._require_tokens()
+        return self.sumsq / self.count
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """Population variance ``m2 - mean^2``, clamped at zero against rounding."""
+        return (self.second_moment - self.mean.square()).clamp_min(0.0)
+
+    @property
+    def norm(self) -> torch.Tensor:
+        """``||X_j||_2`` over all tokens seen (Wanda's activation norm)."""
+        return self.sumsq.sqrt()
+
+    @property
+    def sample(self) -> torch.Tensor | None:
+        """The subsampled token rows in a deterministic order (by key), or None if none were kept."""
+        if self.sample_rows is None:
+            return None
+        order = torch.argsort(self.sample_keys)
+        return self.sample_rows[order]
