@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import asdict, dataclass, field, fields
@@ -89,8 +90,8 @@ class StatPruneConfig:
             _fail("group", self.group, f"choose one of {', '.join(GROUPS)}")
         for name in ("alpha", "eps", "ria_power"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
-                _fail(name, v, "use a real number")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                _fail(name, v, "use a finite real number")
         if self.alpha < 0:
             _fail("alpha", self.alpha, "use a number >= 0")
         if self.eps <= 0:
@@ -101,6 +102,9 @@ class StatPruneConfig:
             _fail("compensation", self.compensation, f"choose one of {', '.join(COMPENSATIONS)}")
         if self.safety_check is not None and not isinstance(self.safety_check, bool):
             _fail("safety_check", self.safety_check, "use true or false")
+        for name in ("ec_centered", "add_bias", "sequential"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(name, getattr(self, name), "use true or false")
         if self.ec_steps not in EC_STEPS:
             _fail("ec_steps", self.ec_steps, f"choose one of {', '.join(EC_STEPS)}")
         if not (
@@ -127,7 +131,7 @@ class StatPruneConfig:
                     re.compile(p)
                 except re.error as e:
                     _fail(name, p, f"not a valid regular expression ({e})")
-        if self.schema_version != SCHEMA_VERSION:
+        if isinstance(self.schema_version, bool) or self.schema_version != SCHEMA_VERSION:
             _fail("schema_version", self.schema_version, f"this version of optimum-statprune reads schema {SCHEMA_VERSION}")
 
     # ------------------------------------------------------------------ derived values

@@ -61,5 +61,10 @@ def make_mask(scores: torch.Tensor, sparsity: float, pattern: str = "unstructure
 
 
 def _finite(scores: torch.Tensor) -> torch.Tensor:
-    """NaN scores (e.g. from a channel that saw only zeros) rank lowest rather than at random."""
-    return torch.nan_to_num(scores.to(torch.float32), nan=-math.inf)
+    """NaN scores (e.g. from a channel that saw only zeros) rank lowest rather than at random.
+
+    float64 scores stay float64 (casting them to float32 could turn distinct scores into ties);
+    other floating dtypes are compared in float32, integers in float64."""
+    if scores.dtype != torch.float64:
+        scores = scores.to(torch.float32 if scores.is_floating_point() else torch.float64)
+    return torch.nan_to_num(scores, nan=-math.inf)

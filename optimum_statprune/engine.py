@@ -1,0 +1,410 @@
+"""The block loop: capture what the first block receives, then per block onload -> observe -> prune ->
+re-run -> offload, so only one block's weights are ever on the compute device.
+
+Where a block's weights come from and go back to is a ``BlockStore``; ``ModelBlockStore`` moves the
+blocks of a loaded model between its home device and the compute device. The loop never touches the
+rest of the model after capture.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .compensation import compensate
+from .config import StatPruneConfig
+from .masks import make_mask
+from .models import Target, find_blocks, find_targets
+from .scores import layer_scores
+from .stats import ChannelStats
+
+logger = logging.getLogger(__name__)
+
+
+class _Stop(Exception):
+    """Raised from a hook to end a forward pass early once everything needed was seen."""
+
+
+@dataclass
+class CalibrationBatch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor | None = None  # [B, T], 1 = real token; None = no padding
+
+
+@dataclass
+class BlockInputs:
+    """Per micro-batch: the hidden states entering the block, and each block's other arguments."""
+
+    hidden: list[torch.Tensor]
+    hidden_as_kwarg: bool
+    args: list[list[tuple]]  # [block][batch] positional args after hidden_states
+    kwargs: list[list[dict[str, Any]]]  # [block][batch]
+    token_masks: list[torch.Tensor | None]
+
+
+class BlockStore(Protocol):
+    """Where block ``i``'s weights come from and go back to."""
+
+    def load(self, index: int, device: torch.device) -> nn.Module: ...
+
+    def store(self, index: int, block: nn.Module) -> None: ...
+
+
+class ModelBlockStore:
+    """Blocks of an already loaded model: moved to the compute device and back to where they were."""
+
+    def __init__(self, blocks: nn.ModuleList):
+        self.blocks = blocks
+        self._home: dict[int, torch.device] = {}
+
+    def load(self, index: int, device: torch.device) -> nn.Module:
+        block = self.blocks[index]
+        self._home[index] = next(block.parameters()).device
+        return block.to(device)
+
+    def store(self, index: int, block: nn.Module) -> None:
+        block.to(self._home.pop(index))
+
+
+# ---------------------------------------------------------------------------------------------- capture
+def _move_outside(model: nn.Module, blocks_path: str, device: torch.device) -> dict[str, torch.device]:
+    """Move every parameter and buffer outside the blocks to ``device``; return where each was."""
+    homes: dict[str, torch.device] = {}
+    for name, module in model.named_modules():
+        if name == blocks_path or name.startswith(blocks_path + "."):
+            continue
+        for pname, t in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+            homes[f"{name}.{pname}"] = t.device
+            if t.device != device:
+                t.data = t.data.to(device)
+    return homes
+
+
+def _restore_outside(model: nn.Module, homes: dict[str, torch.device]) -> None:
+    for name, module in model.named_modules():
+        for pname, t in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+            home = homes.get(f"{name}.{pname}")
+            if home is not None and t.device != home:
+                t.data = t.data.to(home)
+
+
+@torch.no_grad()
+def capture_block_inputs(
+    model: nn.Module, blocks_path: str, blocks: nn.ModuleList, batches: Sequence[CalibrationBatch], device: torch.device
+) -> BlockInputs:
+    """Run the model with every block replaced by a recorder, so one cheap pass yields block 0's hidden
+    states and every block's own keyword arguments (masks and rotary embeddings can differ per block,
+    e.g. sliding-window layers). No block's weights are touched."""
+    inputs = BlockInputs([], False, [[] for _ in blocks], [[] for _ in blocks], [])
+    last = len(blocks) - 1
+
+    def recorder(index: int) -> Callable:
+        def record(*args, **kwargs):
+            if index == 0:
+                if args:
+                    inputs.hidden.append(args[0])
+                else:
+                    inputs.hidden.append(kwargs["hidden_states"])
+                    inputs.hidden_as_kwarg = True
+            rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            inputs.args[index].append(tuple(args[1:]))
+            inputs.kwargs[index].append(rest)
+            if index == last:
+                raise _Stop
+            return args[0] if args else kwargs["hidden_states"]
+
+        return record
+
+    homes = _move_outside(model, blocks_path, device)
+    for i, block in enumerate(blocks):
+        block.forward = recorder(i)
+    try:
+        for batch in batches:
+            mask = batch.attention_mask.to(device) if batch.attention_mask is not None else None
+            try:
+                model(input_ids=batch.input_ids.to(device), attention_mask=mask, use_cache=False)
+            except _Stop:
+                pass
+            inputs.token_masks.append(mask.bool() if mask is not None else None)
+    finally:
+        for block in blocks:
+            del block.forward  # back to the class's forward
+        _restore_outside(model, homes)
+    if len(inputs.hidden) != len(batches):
+        raise RuntimeError("the first decoder block was not reached during calibration")
+    return inputs
+
+
+# ---------------------------------------------------------------------------------------------- observe
+class Observer:
+    """Forward hooks that feed each target's ``ChannelStats`` with the target's inputs."""
+
+    def __init__(self, targets: list[Target], config: StatPruneConfig, device: torch.device, block_index: int):
+        self.targets = targets
+        self.stats: dict[str, ChannelStats] = {}
+        self.token_mask: torch.Tensor | None = None
+        sample = config.sample_tokens if _needs_sample(config) else 0
+        for t in targets:
+            # Distinct seeds per layer so different layers do not keep the same token positions.
+            self.stats[t.name] = ChannelStats(t.in_features, sample, seed=config.seed + 7919 * block_index, device=device)
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._stop_after: set[int] | None = None
+        self._seen: set[int] = set()
+
+    def _masked(self, x: torch.Tensor) -> torch.Tensor | None:
+        m = self.token_mask
+        if m is None:
+            return None
+        if x.shape[:-1] == m.shape:
+            return m
+        if x.dim() == 2 and x.shape[0] == m.numel():
+            return m.reshape(-1)
+        return None
+
+    def attach(self, targets: list[Target] | None = None, stop_when_done: bool = False) -> None:
+        """Hook ``targets`` (default all); with ``stop_when_done``, end the forward once each has fired."""
+        targets = self.targets if targets is None else targets
+        modules: dict[int, tuple[nn.Module, list[Target]]] = {}
+        for t in targets:
+            modules.setdefault(id(t.module), (t.module, []))[1].append(t)
+        self._stop_after = set(modules) if stop_when_done else None
+        self._seen = set()
+        for key, (module, ts) in modules.items():
+            if ts[0].kind == "expert":
+                hook = self._expert_hook(key, ts)
+            else:
+                hook = self._linear_hook(key, ts[0])
+            self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _done(self, key: int) -> None:
+        if self._stop_after is not None:
+            self._seen.add(key)
+            if self._seen >= self._stop_after:
+                raise _Stop
+
+    def _linear_hook(self, key: int, target: Target) -> Callable:
+        def hook(module, args, kwargs):
+            x = args[0] if args else kwargs["input"]
+            self.stats[target.name].update(x.detach(), self._masked(x))
+            self._done(key)
+
+        return hook
+
+    def _expert_hook(self, key: int, targets: list[Target]) -> Callable:
+        by_expert: dict[int, dict[str, Target]] = {}
+        for t in targets:
+            by_expert.setdefault(t.expert, {})[t.param] = t
+
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            top_k_index = args[1] if len(args) > 1 else kwargs["top_k_index"]
+            hidden = hidden.reshape(-1, hidden.shape[-1]).detach()
+            mask = self._masked(hidden)
+            for e, ts in by_expert.items():
+                routed = (top_k_index == e).any(dim=-1)
+                if mask is not None:
+                    routed = routed & mask
+                x = hidden[routed]
+                if x.shape[0] == 0:
+                    continue
+                if "gate_up_proj" in ts:
+                    self.stats[ts["gate_up_proj"].name].update(x)
+                if "down_proj" in ts:
+                    gate_up = Target("", module, "expert", "gate_up_proj", e).weight()
+                    h = module._apply_gate(nn.functional.linear(x, gate_up))
+                    self.stats[ts["down_proj"].name].update(h)
+            self._done(key)
+
+        return hook
+
+
+def _needs_sample(config: StatPruneConfig) -> bool:
+    return config.resolved_compensation() != "none"
+
+
+# ---------------------------------------------------------------------------------------------- prune
+@torch.no_grad()
+def prune_target(target: Target, stats: ChannelStats | None, config: StatPruneConfig) -> dict[str, Any]:
+    """Score, mask and compensate one weight in place; return its manifest record."""
+    w0 = target.weight().detach().to(torch.float32)
+    method = config.method
+    record: dict[str, Any] = {"name": target.name, "shape": list(w0.shape), "method": method}
+    if stats is not None and stats.count == 0:
+        # An expert no calibration token was routed to: nothing to calibrate with.
+        method, stats = "magnitude", None
+        record["fallback"] = "magnitude: no calibration tokens reached this weight"
+    scores = layer_scores(method, w0, stats, config)
+    mask = make_mask(scores, config.sparsity, config.pattern, config.group)
+    kind = config.resolved_compensation() if stats is not None else "none"
+    if kind == "bias" and target.bias is None and not config.add_bias:
+        kind = "none"
+    result = compensate(
+        w0,
+        mask,
+        kind,
+        stats,
+        has_bias=target.bias is not None,
+        add_bias=config.add_bias,
+        ec_steps=config.ec_steps,
+        ec_centered=config.ec_centered,
+        ec_clamp=config.ec_clamp,
+        safety_check=config.resolved_safety_check(),
+    )
+    target.set_weight(result.weight)
+    if result.bias_delta is not None:
+        _shift_bias(target, result.bias_delta)
+    record["pattern"] = config.pattern
+    record["tokens"] = stats.count if stats is not None else 0
+    record["sparsity"] = 1.0 - float(mask.sum()) / mask.numel()
+    record["compensation"] = result.record
+    return record
+
+
+def _shift_bias(target: Target, delta: torch.Tensor) -> None:
+    module = target.module
+    if module.bias is None:
+        weight = target.weight()
+        module.bias = nn.Parameter(torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device))
+    module.bias.add_(delta.to(module.bias.dtype))
+
+
+# ---------------------------------------------------------------------------------------------- loop
+@dataclass
+class PruneReport:
+    layers: list[dict[str, Any]] = field(default_factory=list)
+    block_seconds: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _call_block(block: nn.Module, inputs: BlockInputs, i: int, b: int, hidden: torch.Tensor) -> torch.Tensor:
+    args, kwargs = inputs.args[i][b], inputs.kwargs[i][b]
+    out = block(hidden_states=hidden, *args, **kwargs) if inputs.hidden_as_kwarg else block(hidden, *args, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _observe(block, inputs, i, hidden, observer: Observer, targets=None, stop=False) -> None:
+    observer.attach(targets, stop_when_done=stop)
+    try:
+        for b, h in enumerate(hidden):
+            observer.token_mask = inputs.token_masks[b]
+            try:
+                _call_block(block, inputs, i, b, h)
+            except _Stop:
+                pass
+    finally:
+        observer.detach()
+
+
+def _input_groups(block, inputs, i, hidden, targets: list[Target]) -> list[list[Target]]:
+    """Targets grouped by the tensor they read (q/k/v share one input), in the order the block runs them."""
+    order: list[tuple[int, Target]] = []
+    handles = []
+    by_module: dict[int, list[Target]] = {}
+    for t in targets:
+        by_module.setdefault(id(t.module), []).append(t)
+    for ts in by_module.values():
+
+        def hook(module, args, kwargs, ts=ts):
+            x = args[0] if args else next(iter(kwargs.values()))
+            key = (x.data_ptr(), tuple(x.shape))
+            for t in ts:
+                order.append((hash(key), t))
+
+        handles.append(ts[0].module.register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        _call_block(block, inputs, i, 0, hidden[0])
+    finally:
+        for h in handles:
+            h.remove()
+    groups: dict[int, list[Target]] = {}
+    for key, t in order:
+        if t not in groups.setdefault(key, []):
+            groups[key].append(t)
+    # Fused experts read the same tensor as their siblings only by accident; keep each module whole.
+    return list(groups.values())
+
+
+@torch.no_grad()
+def prune_blocks(
+    store: BlockStore,
+    n_blocks: int,
+    blocks_path: str,
+    inputs: BlockInputs,
+    config: StatPruneConfig,
+    device: torch.device,
+    progress: bool = True,
+) -> PruneReport:
+    """Prune blocks ``0..n_blocks-1`` in order, feeding each the pruned outputs of the one before."""
+    report = PruneReport()
+    start = time.perf_counter()
+    hidden = inputs.hidden
+    bar = tqdm(range(n_blocks), desc="pruning blocks", disable=not progress, unit="block")
+    for i in bar:
+        t0 = time.perf_counter()
+        block = store.load(i, device)
+        targets = find_targets(block, f"{blocks_path}.{i}", config.targets, config.ignore)
+        observer = Observer(targets, config, device, i) if config.needs_activations else None
+        if observer is None:
+            for t in targets:
+                report.layers.append(prune_target(t, None, config))
+        elif config.sequential:
+            for group in _input_groups(block, inputs, i, hidden, targets):
+                _observe(block, inputs, i, hidden, observer, group, stop=True)
+                for t in group:
+                    report.layers.append(prune_target(t, observer.stats.pop(t.name), config))
+        else:
+            _observe(block, inputs, i, hidden, observer)
+            for t in targets:
+                report.layers.append(prune_target(t, observer.stats.pop(t.name), config))
+        del observer
+        if i < n_blocks - 1:
+            hidden = [_call_block(block, inputs, i, b, h) for b, h in enumerate(hidden)]
+        store.store(i, block)
+        report.block_seconds.append(time.perf_counter() - t0)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def prune_model(
+    model: nn.Module,
+    batches: Sequence[CalibrationBatch],
+    config: StatPruneConfig,
+    device: torch.device | str | None = None,
+    blocks: str | None = None,
+    progress: bool = True,
+) -> PruneReport:
+    """Prune a loaded model's decoder blocks in place."""
+    device = torch.device(device) if device is not None else _default_device()
+    blocks_path, block_list = find_blocks(model, blocks)
+    was_training = model.training
+    model.eval()
+    try:
+        if config.needs_activations:
+            inputs = capture_block_inputs(model, blocks_path, block_list, batches, device)
+        else:
+            inputs = BlockInputs([], False, [], [], [])
+        return prune_blocks(ModelBlockStore(block_list), len(block_list), blocks_path, inputs, config, device, progress)
+    finally:
+        model.train(was_training)
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def iter_batches(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, batch_size: int) -> Iterator[CalibrationBatch]:
+    for s in range(0, input_ids.shape[0], batch_size):
+        m = attention_mask[s : s + batch_size] if attention_mask is not None else None
+        yield CalibrationBatch(input_ids[s : s + batch_size], m)

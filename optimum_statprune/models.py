@@ -1,0 +1,132 @@
+"""Model plumbing: where the decoder blocks are and which weights inside them are pruned.
+
+Blocks are found generically: the ``nn.ModuleList`` whose length is the config's number of hidden
+layers. Inside a block, the targets are every ``nn.Linear``, GPT-2 style ``Conv1D`` and fused MoE expert
+tensor (transformers' ``gate_up_proj`` / ``down_proj`` of shape ``[experts, out, in]``). Routers are
+never pruned, and nothing outside the blocks (embeddings, final norm, ``lm_head``) ever is.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+# Linears that route tokens rather than transform them: pruning them changes which experts run.
+ROUTER_PATTERN = re.compile(r"(^|\.)(gate|router|shared_expert_gate)$")
+FUSED_EXPERT_PARAMS = ("gate_up_proj", "down_proj")
+
+
+class UnsupportedModelError(ValueError):
+    """The model's decoder blocks or weights could not be located."""
+
+
+@dataclass
+class Target:
+    """One prunable weight: a linear's ``weight``, or one expert's slice of a fused expert tensor."""
+
+    name: str
+    module: nn.Module
+    kind: str  # "linear" | "conv1d" | "expert"
+    param: str = "weight"
+    expert: int | None = None
+
+    @property
+    def _transposed(self) -> bool:
+        return self.kind == "conv1d" or (self.kind == "expert" and bool(getattr(self.module, "is_transposed", False)))
+
+    def weight(self) -> torch.Tensor:
+        """The weight as ``[d_out, d_in]`` (a view of the module's storage)."""
+        w = getattr(self.module, self.param)
+        if self.expert is not None:
+            w = w[self.expert]
+        return w.T if self._transposed else w
+
+    def set_weight(self, value: torch.Tensor) -> None:
+        """Write ``value`` (``[d_out, d_in]``) back in the module's layout and dtype."""
+        with torch.no_grad():
+            self.weight().copy_(value.to(self.weight().dtype))
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        if self.kind == "expert":
+            return None
+        return getattr(self.module, "bias", None)
+
+    @property
+    def in_features(self) -> int:
+        return self.weight().shape[1]
+
+
+def text_config(model: nn.Module):
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def find_blocks(model: nn.Module, blocks: str | None = None) -> tuple[str, nn.ModuleList]:
+    """Return ``(path, ModuleList)`` of the decoder blocks; ``blocks`` names the path explicitly."""
+    if blocks is not None:
+        try:
+            found = model.get_submodule(blocks)
+        except AttributeError as e:
+            raise UnsupportedModelError(f"the model has no submodule {blocks!r}") from e
+        if not isinstance(found, nn.ModuleList):
+            raise UnsupportedModelError(f"{blocks!r} is a {type(found).__name__}, not an nn.ModuleList of blocks")
+        return blocks, found
+    n_layers = getattr(text_config(model), "num_hidden_layers", None)
+    candidates = [
+        (name, mod)
+        for name, mod in model.named_modules()
+        if isinstance(mod, nn.ModuleList)
+        and len(mod) > 0
+        and (n_layers is None or len(mod) == n_layers)
+        and len({type(m) for m in mod}) == 1
+        and not any(isinstance(m, (nn.Linear, Conv1D)) for m in mod)
+    ]
+    # Nested lists of the right length (e.g. experts) sit below the blocks: keep the outermost.
+    outer = [(n, m) for n, m in candidates if not any(n != o and n.startswith(o + ".") for o, _ in candidates)]
+    if len(outer) != 1:
+        found_names = ", ".join(n for n, _ in outer) or "none"
+        raise UnsupportedModelError(
+            f"cannot tell which module list holds the decoder blocks of {type(model).__name__} "
+            f"(candidates: {found_names}); name it explicitly, e.g. blocks='model.layers'"
+        )
+    return outer[0]
+
+
+def _is_fused_experts(module: nn.Module) -> bool:
+    return all(
+        isinstance(getattr(module, p, None), nn.Parameter) and getattr(module, p).dim() == 3 for p in FUSED_EXPERT_PARAMS
+    )
+
+
+def find_targets(
+    block: nn.Module, prefix: str, targets: list[str] | None = None, ignore: list[str] | None = None
+) -> list[Target]:
+    """Prunable weights of one block, in module order, filtered by ``targets`` / ``ignore`` regexes
+    (matched with ``re.search`` against the full module name)."""
+    found: list[Target] = []
+    for rel, module in block.named_modules():
+        name = f"{prefix}.{rel}" if rel else prefix
+        if isinstance(module, (nn.Linear, Conv1D)):
+            if ROUTER_PATTERN.search(name):
+                continue
+            found.append(Target(name, module, "conv1d" if isinstance(module, Conv1D) else "linear"))
+        elif _is_fused_experts(module):
+            if getattr(module, "has_bias", False) or not getattr(module, "has_gate", True):
+                raise UnsupportedModelError(
+                    f"{name}: fused experts with biases or without a gate are not supported yet; "
+                    f"exclude them with ignore=[{name!r}]"
+                )
+            n_experts = module.gate_up_proj.shape[0]
+            for e in range(n_experts):
+                for p in FUSED_EXPERT_PARAMS:
+                    found.append(Target(f"{name}.{e}.{p}", module, "expert", p, e))
+    if targets:
+        found = [t for t in found if any(re.search(p, t.name) for p in targets)]
+    if ignore:
+        found = [t for t in found if not any(re.search(p, t.name) for p in ignore)]
+    return found
