@@ -59,7 +59,7 @@ class StatPruneConfig:
     seqlen: int = 2048
     seed: int = 0
     batch_size: int = 8
-    sequential: bool = True
+    sequential: bool = False
     targets: list[str] | None = None
     ignore: list[str] = field(default_factory=list)
     schema_version: int = SCHEMA_VERSION

@@ -158,6 +158,11 @@ class Observer:
         self._stop_after: set[int] | None = None
         self._seen: set[int] = set()
 
+    def begin_batch(self, token_mask: torch.Tensor | None) -> None:
+        """Set the padding mask of the micro-batch about to run; early stopping starts afresh."""
+        self.token_mask = token_mask
+        self._seen = set()
+
     def _masked(self, x: torch.Tensor) -> torch.Tensor | None:
         m = self.token_mask
         if m is None:
@@ -175,7 +180,6 @@ class Observer:
         for t in targets:
             modules.setdefault(id(t.module), (t.module, []))[1].append(t)
         self._stop_after = set(modules) if stop_when_done else None
-        self._seen = set()
         for key, (module, ts) in modules.items():
             if ts[0].kind == "expert":
                 hook = self._expert_hook(key, ts)
@@ -298,7 +302,7 @@ def _observe(block, inputs, i, hidden, observer: Observer, targets=None, stop=Fa
     observer.attach(targets, stop_when_done=stop)
     try:
         for b, h in enumerate(hidden):
-            observer.token_mask = inputs.token_masks[b]
+            observer.begin_batch(inputs.token_masks[b])
             try:
                 _call_block(block, inputs, i, b, h)
             except _Stop:

@@ -1,0 +1,187 @@
+"""Evaluation: perplexity on token windows, a sparsity report of the targeted linears, an lm-eval bridge.
+
+Perplexity follows the SparseGPT/Wanda protocol: every window is scored on its own (no context from
+the previous window), the labels are the window shifted by one, so a window of ``L`` tokens gives
+``L - 1`` predictions, and the result is ``exp(sum of token NLL / number of predicted tokens)`` over
+all windows. Per-token NLLs come from float32 log-softmax and are summed in float64, so the number
+does not depend on the batch size beyond float32 rounding of the logits.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+try:  # transformers' GPT-2 style linear (weight stored [in, out])
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a dependency
+    Conv1D = None  # type: ignore[assignment,misc]
+
+LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear,) if Conv1D is None else (nn.Linear, Conv1D)
+
+
+def _input_device(model: nn.Module) -> torch.device:
+    """Where input ids must go: the input embedding's device (right for accelerate-dispatched models)."""
+    get_emb = getattr(model, "get_input_embeddings", None)
+    if callable(get_emb):
+        try:
+            emb = get_emb()
+        except NotImplementedError:
+            emb = None
+        if emb is not None and getattr(emb, "weight", None) is not None and emb.weight.device.type != "meta":
+            return emb.weight.device
+    for p in model.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")
+
+
+def perplexity(
+    model: nn.Module,
+    windows: torch.Tensor,
+    batch_size: int = 1,
+    device: str | torch.device | None = None,
+    *,
+    disable_progress: bool = False,
+) -> float:
+    """``exp(mean token NLL)`` of a causal LM over ``windows`` (``[n, seqlen]`` token ids).
+
+    Each window is scored independently and shifted inside itself: ``seqlen - 1`` predictions per
+    window, ``n * (seqlen - 1)`` in total. The model is not moved; ``device`` (default: where the input
+    embedding lives) is where the ids are sent. Runs under ``torch.inference_mode`` in eval mode and
+    restores the previous training mode afterwards.
+    """
+    if not isinstance(windows, torch.Tensor) or windows.dim() != 2:
+        raise ValueError("perplexity: windows must be a 2-D tensor [n_windows, seqlen] of token ids.")
+    if windows.is_floating_point():
+        raise ValueError(f"perplexity: windows must hold integer token ids, got {windows.dtype}.")
+    n, seqlen = windows.shape
+    if n == 0 or seqlen < 2:
+        raise ValueError(
+            f"perplexity: need at least one window of >= 2 tokens, got shape {tuple(windows.shape)}."
+        )
+    if batch_size < 1:
+        raise ValueError(f"perplexity: batch_size must be >= 1, got {batch_size}.")
+    target = torch.device(device) if device is not None else _input_device(model)
+
+    was_training = model.training
+    model.eval()
+    nll_sum = 0.0  # Python float: float64 accumulation across batches
+    count = 0
+    try:
+        with (
+            torch.inference_mode(),
+            tqdm(total=n, desc="perplexity", unit="window", disable=disable_progress) as bar,
+        ):
+            for start in range(0, n, batch_size):
+                ids = windows[start : start + batch_size].to(target, dtype=torch.long)
+                out = model(input_ids=ids, use_cache=False)
+                logits = out.logits if hasattr(out, "logits") else out[0]
+                shift_logits = logits[:, :-1, :].float()
+                labels = ids[:, 1:].to(shift_logits.device)
+                token_nll = F.cross_entropy(
+                    shift_logits.reshape(-1, shift_logits.shape[-1]), labels.reshape(-1), reduction="none"
+                )
+                nll_sum += token_nll.double().sum().item()
+                count += labels.numel()
+                bar.update(ids.shape[0])
+    finally:
+        model.train(was_training)
+
+    mean_nll = nll_sum / count
+    if not math.isfinite(mean_nll):
+        logger.warning("perplexity: the mean NLL is %s (non-finite logits?)", mean_nll)
+    try:
+        return math.exp(mean_nll)
+    except OverflowError:
+        return math.inf
+
+
+def _excluded_modules(model: nn.Module) -> set[int]:
+    """ids of the embeddings and the LM head, which are never pruned (tied heads included)."""
+    excluded: set[int] = set()
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        fn = getattr(model, getter, None)
+        if callable(fn):
+            try:
+                module = fn()
+            except (NotImplementedError, AttributeError):
+                module = None
+            if module is not None:
+                excluded.add(id(module))
+    return excluded
+
+
+def targeted_linears(model: nn.Module) -> dict[str, nn.Module]:
+    """Every ``nn.Linear``/``Conv1D`` except the LM head and embeddings, by qualified name."""
+    excluded = _excluded_modules(model)
+    found = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, LINEAR_TYPES) or id(module) in excluded:
+            continue
+        if name.split(".")[-1] == "lm_head":
+            continue
+        found[name] = module
+    return found
+
+
+def sparsity_report(model: nn.Module) -> dict[str, Any]:
+    """Zeros, total and sparsity per targeted linear and over all of them.
+
+    Returns ``{"layers": {name: {"zeros", "total", "sparsity"}}, "zeros", "total", "sparsity"}``;
+    counts are exact integers (weights on the meta device are skipped with a warning).
+    """
+    layers: dict[str, dict[str, float | int]] = {}
+    zeros_total = 0
+    numel_total = 0
+    with torch.no_grad():
+        for name, module in targeted_linears(model).items():
+            weight = module.weight
+            if weight.device.type == "meta":
+                logger.warning("sparsity_report: %s has no data (meta device); skipped", name)
+                continue
+            zeros = int((weight == 0).sum().item())
+            total = weight.numel()
+            layers[name] = {"zeros": zeros, "total": total, "sparsity": zeros / total if total else 0.0}
+            zeros_total += zeros
+            numel_total += total
+    return {
+        "layers": layers,
+        "zeros": zeros_total,
+        "total": numel_total,
+        "sparsity": zeros_total / numel_total if numel_total else 0.0,
+    }
+
+
+def lm_eval_bridge(
+    model: nn.Module,
+    tokenizer: Any,
+    tasks: str | list[str],
+    *,
+    batch_size: int | str = 1,
+    hflm_kwargs: dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """Run lm-evaluation-harness tasks on an in-memory model (e.g. right after pruning, before saving).
+
+    ``lm_eval`` is optional and imported here only. ``hflm_kwargs`` go to ``HFLM``; other keyword
+    arguments (``num_fewshot``, ``limit``, ...) go to ``lm_eval.simple_evaluate``.
+    """
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+    except ImportError as exc:
+        raise ImportError(
+            "lm_eval_bridge needs the lm-evaluation-harness, which is not installed: pip install lm-eval"
+        ) from exc
+    task_list = [tasks] if isinstance(tasks, str) else list(tasks)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, **(hflm_kwargs or {}))
+    return lm_eval.simple_evaluate(model=lm, tasks=task_list, **kwargs)

@@ -1,0 +1,382 @@
+"""StatPruneConfig: validation on construction (every field), derived values, JSON and directory round-trips."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+
+from optimum_statprune import StatPruneConfig
+from optimum_statprune.config import CONFIG_NAME, SCHEMA_VERSION
+
+NAN = float("nan")
+INF = float("inf")
+
+# (field, bad value). Every field of the dataclass has at least one entry (checked below).
+BAD_VALUES = [
+    ("method", "sparse-gpt"),
+    ("method", "Wanda"),
+    ("method", ""),
+    ("method", None),
+    ("sparsity", 0),
+    ("sparsity", 0.0),
+    ("sparsity", 1),
+    ("sparsity", 1.0),
+    ("sparsity", -0.25),
+    ("sparsity", 1.5),
+    ("sparsity", NAN),
+    ("sparsity", INF),
+    ("sparsity", True),
+    ("sparsity", "0.5"),
+    ("sparsity", None),
+    ("pattern", "4:2"),
+    ("pattern", "2:2"),
+    ("pattern", "0:4"),
+    ("pattern", "2-4"),
+    ("pattern", "2:4:8"),
+    ("pattern", "structured"),
+    ("pattern", ""),
+    ("pattern", None),
+    ("pattern", 24),
+    ("group", "column"),
+    ("group", "Row"),
+    ("group", None),
+    ("alpha", -1.0),
+    ("alpha", -1e-9),
+    ("alpha", NAN),
+    ("alpha", INF),
+    ("alpha", "1"),
+    ("alpha", None),
+    ("alpha", True),
+    ("eps", 0),
+    ("eps", 0.0),
+    ("eps", -1e-8),
+    ("eps", NAN),
+    ("eps", INF),
+    ("eps", "1e-8"),
+    ("eps", False),
+    ("ria_power", NAN),
+    ("ria_power", -INF),
+    ("ria_power", "0.5"),
+    ("ria_power", None),
+    ("ria_power", True),
+    ("weight_stat_axis", "col"),
+    ("weight_stat_axis", "layer"),
+    ("weight_stat_axis", None),
+    ("compensation", "EC"),
+    ("compensation", "sparsegpt"),
+    ("compensation", ""),
+    ("compensation", 0),
+    ("safety_check", "yes"),
+    ("safety_check", "true"),
+    ("safety_check", 1),
+    ("safety_check", 0),
+    ("ec_steps", "column, row"),
+    ("ec_steps", "row,row"),
+    ("ec_steps", "col"),
+    ("ec_steps", ""),
+    ("ec_steps", None),
+    ("ec_centered", "yes"),
+    ("ec_centered", 1),
+    ("ec_centered", None),
+    ("ec_clamp", (2.0, 1.0)),
+    ("ec_clamp", (0.0, 2.0)),
+    ("ec_clamp", (-1.0, 2.0)),
+    ("ec_clamp", (1.0,)),
+    ("ec_clamp", (1.0, 2.0, 3.0)),
+    ("ec_clamp", (NAN, 2.0)),
+    ("ec_clamp", (1.0, "2")),
+    ("ec_clamp", (True, 2.0)),
+    ("ec_clamp", "1,2"),
+    ("ec_clamp", None),
+    ("add_bias", "no"),
+    ("add_bias", 0),
+    ("add_bias", None),
+    ("sample_tokens", 0),
+    ("sample_tokens", -5),
+    ("sample_tokens", 2048.0),
+    ("sample_tokens", "2048"),
+    ("sample_tokens", True),
+    ("nsamples", 0),
+    ("nsamples", -1),
+    ("nsamples", 1.5),
+    ("nsamples", None),
+    ("seqlen", 0),
+    ("seqlen", -2048),
+    ("seqlen", 2048.0),
+    ("seqlen", False),
+    ("seed", -1),
+    ("seed", 1.5),
+    ("seed", "0"),
+    ("seed", None),
+    ("seed", True),
+    ("batch_size", 0),
+    ("batch_size", -8),
+    ("batch_size", 8.0),
+    ("batch_size", None),
+    ("sequential", "yes"),
+    ("sequential", 1),
+    ("sequential", None),
+    ("targets", ("q_proj",)),
+    ("targets", {"q_proj": 1}),
+    ("targets", [1]),
+    ("targets", [""]),
+    ("targets", 7),
+    ("ignore", None),
+    ("ignore", [None]),
+    ("ignore", [""]),
+    ("ignore", ("lm_head",)),
+    ("ignore", 5),
+    ("schema_version", 0),
+    ("schema_version", SCHEMA_VERSION + 1),
+    ("schema_version", "1"),
+    ("schema_version", None),
+    ("schema_version", True),
+]
+
+
+def _ids(case):
+    return f"{case[0]}={case[1]!r}"
+
+
+def test_every_field_has_bad_value_cases():
+    from dataclasses import fields
+
+    covered = {name for name, _ in BAD_VALUES}
+    assert {f.name for f in fields(StatPruneConfig)} <= covered
+
+
+@pytest.mark.parametrize("case", BAD_VALUES, ids=[_ids(c) for c in BAD_VALUES])
+def test_bad_value_raises_naming_field_and_value(case):
+    name, value = case
+    with pytest.raises(ValueError) as info:
+        StatPruneConfig(**{name: value})
+    msg = str(info.value)
+    assert name in msg
+    assert repr(value) in msg
+    # The message also says what is allowed, not only what is wrong.
+    assert len(msg) > len(name) + len(repr(value)) + 20
+
+
+@pytest.mark.parametrize(
+    "name, value, bad",
+    [
+        ("targets", ["model\\.layers\\.(", "x"], "model\\.layers\\.("),
+        ("ignore", ["lm_head", "["], "["),
+        ("targets", "[", "["),
+    ],
+)
+def test_invalid_regex_is_rejected_naming_field_and_pattern(name, value, bad):
+    with pytest.raises(ValueError) as info:
+        StatPruneConfig(**{name: value})
+    msg = str(info.value)
+    assert name in msg
+    assert repr(bad) in msg
+    assert "regular expression" in msg
+
+
+def test_validate_rechecks_after_mutation():
+    cfg = StatPruneConfig()
+    cfg.sparsity = 2.0
+    with pytest.raises(ValueError, match="sparsity"):
+        cfg.validate()
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"method": "wanda", "sparsity": 0.7, "group": "layer"},
+        {"method": "magnitude", "pattern": "2:4"},
+        {"method": "ria", "ria_power": 1.0, "pattern": "4:8"},
+        {"method": "cvr", "alpha": 0.0, "eps": 1e-3, "weight_stat_axis": "row"},
+        {"compensation": "ec", "ec_steps": "row,column", "ec_centered": False, "ec_clamp": (0.5, 4.0)},
+        {"compensation": "bias", "add_bias": True, "safety_check": False},
+        {"sparsity": 1e-6, "seed": 0, "sample_tokens": 1, "nsamples": 1, "seqlen": 1, "batch_size": 1},
+        {"targets": ["q_proj", "re:.*mlp"], "ignore": ["lm_head"], "sequential": False},
+        {"pattern": "1:100"},
+    ],
+)
+def test_valid_configs_construct(kwargs):
+    cfg = StatPruneConfig(**kwargs)
+    for key, value in kwargs.items():
+        assert getattr(cfg, key) == value
+
+
+def test_list_and_string_normalisation():
+    cfg = StatPruneConfig(ec_clamp=[1.0, 3.0], ignore="lm_head", targets="mlp")
+    assert cfg.ec_clamp == (1.0, 3.0)
+    assert isinstance(cfg.ec_clamp, tuple)
+    assert cfg.ignore == ["lm_head"]
+    assert cfg.targets == ["mlp"]
+
+
+def test_derived_values():
+    assert StatPruneConfig().nm is None
+    assert StatPruneConfig(sparsity=0.3).effective_sparsity == 0.3
+    cfg = StatPruneConfig(pattern="2:4", sparsity=0.9)
+    assert cfg.nm == (2, 4)
+    assert cfg.effective_sparsity == 0.5
+    assert StatPruneConfig(pattern="4:8").nm == (4, 8)
+    assert math.isclose(StatPruneConfig(pattern="1:3").effective_sparsity, 2 / 3)
+
+
+def test_preset_resolution():
+    cfg = StatPruneConfig()  # method="statprune", compensation/safety left at None
+    assert cfg.compensation is None and cfg.safety_check is None
+    assert cfg.resolved_compensation() == "lsq"
+    assert cfg.resolved_safety_check() is True
+    resolved = cfg.resolved()
+    assert resolved["compensation"] == "lsq" and resolved["safety_check"] is True
+    # The saved dict records what the user asked for, not the preset.
+    assert cfg.to_dict()["compensation"] is None
+
+    explicit = StatPruneConfig(compensation="ec", safety_check=False)
+    assert explicit.resolved_compensation() == "ec"
+    assert explicit.resolved_safety_check() is False
+
+    wanda = StatPruneConfig(method="wanda")
+    assert wanda.resolved_compensation() == "none"
+    assert wanda.resolved_safety_check() is False
+
+
+@pytest.mark.parametrize(
+    "kwargs, expected",
+    [
+        ({"method": "magnitude"}, False),
+        ({"method": "magnitude", "compensation": "ec"}, False),
+        ({"method": "magnitude", "compensation": "bias"}, True),
+        ({"method": "magnitude", "compensation": "lsq"}, True),
+        ({"method": "magnitude", "compensation": "ec-activation"}, True),
+        ({"method": "wanda"}, True),
+        ({"method": "ria"}, True),
+        ({"method": "cvr"}, True),
+        ({"method": "statprune"}, True),
+    ],
+)
+def test_needs_activations(kwargs, expected):
+    assert StatPruneConfig(**kwargs).needs_activations is expected
+
+
+NON_DEFAULT = {
+    "method": "cvr",
+    "sparsity": 0.6,
+    "pattern": "4:8",
+    "group": "layer",
+    "alpha": 0.5,
+    "eps": 1e-6,
+    "weight_stat_axis": "row",
+    "ria_power": 0.75,
+    "compensation": "ec",
+    "safety_check": True,
+    "ec_steps": "row,column",
+    "ec_centered": False,
+    "ec_clamp": (0.5, 3.0),
+    "add_bias": True,
+    "sample_tokens": 512,
+    "nsamples": 16,
+    "seqlen": 256,
+    "seed": 7,
+    "batch_size": 2,
+    "sequential": False,
+    "targets": ["q_proj", "k_proj"],
+    "ignore": ["layers\\.0\\."],
+}
+
+
+@pytest.mark.parametrize("kwargs", [{}, NON_DEFAULT], ids=["defaults", "non-defaults"])
+def test_dict_and_json_round_trip(kwargs):
+    cfg = StatPruneConfig(**kwargs)
+    d = cfg.to_dict()
+    assert d["schema_version"] == SCHEMA_VERSION
+    assert isinstance(d["ec_clamp"], list)
+    assert StatPruneConfig.from_dict(d) == cfg
+
+    text = cfg.to_json_string()
+    loaded = json.loads(text)
+    assert loaded == d
+    again = StatPruneConfig.from_dict(loaded)
+    assert again == cfg
+    assert again.to_json_string() == text
+    assert isinstance(again.ec_clamp, tuple)
+
+
+def test_to_dict_is_a_copy():
+    cfg = StatPruneConfig(ignore=["lm_head"])
+    d = cfg.to_dict()
+    d["ignore"].append("other")
+    assert cfg.ignore == ["lm_head"]
+
+
+def test_non_default_config_differs_in_every_field():
+    from dataclasses import fields
+
+    default, other = StatPruneConfig(), StatPruneConfig(**NON_DEFAULT)
+    for f in fields(StatPruneConfig):
+        if f.name != "schema_version":
+            assert getattr(default, f.name) != getattr(other, f.name), f.name
+
+
+@pytest.mark.parametrize("kwargs", [{}, NON_DEFAULT], ids=["defaults", "non-defaults"])
+def test_save_and_from_pretrained_round_trip(tmp_path, kwargs):
+    cfg = StatPruneConfig(**kwargs)
+    target = tmp_path / "nested" / "dir"  # created on demand
+    path = cfg.save_pretrained(target)
+    assert os.path.basename(path) == CONFIG_NAME == "statprune_config.json"
+    assert os.path.isfile(target / CONFIG_NAME)
+    assert sorted(os.listdir(target)) == [CONFIG_NAME]  # no temp files left behind
+    on_disk = json.loads((target / CONFIG_NAME).read_text(encoding="utf-8"))
+    assert on_disk == cfg.to_dict()
+    assert on_disk["schema_version"] == SCHEMA_VERSION
+    assert StatPruneConfig.from_pretrained(target) == cfg
+    assert StatPruneConfig.from_pretrained(str(target)) == cfg
+
+
+def test_save_pretrained_overwrites(tmp_path):
+    StatPruneConfig(sparsity=0.3).save_pretrained(tmp_path)
+    StatPruneConfig(sparsity=0.7).save_pretrained(tmp_path)
+    assert StatPruneConfig.from_pretrained(tmp_path).sparsity == 0.7
+    assert sorted(os.listdir(tmp_path)) == [CONFIG_NAME]
+
+
+def test_from_pretrained_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match=CONFIG_NAME):
+        StatPruneConfig.from_pretrained(tmp_path)
+
+
+def test_from_dict_rejects_unknown_keys():
+    d = StatPruneConfig().to_dict()
+    d["sparsity_ratio"] = 0.5
+    d["zzz_extra"] = 1
+    with pytest.raises(ValueError) as info:
+        StatPruneConfig.from_dict(d)
+    msg = str(info.value)
+    assert "sparsity_ratio" in msg and "zzz_extra" in msg
+
+
+def test_from_dict_validates_values():
+    d = StatPruneConfig().to_dict()
+    d["pattern"] = "3:2"
+    with pytest.raises(ValueError, match="pattern"):
+        StatPruneConfig.from_dict(d)
+
+
+def test_from_dict_partial_uses_defaults():
+    cfg = StatPruneConfig.from_dict({"method": "wanda"})
+    assert cfg == StatPruneConfig(method="wanda")
+
+
+def test_from_pretrained_rejects_unknown_key_and_other_schema(tmp_path):
+    d = StatPruneConfig().to_dict()
+    d["unknown_field"] = True
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(d), encoding="utf-8")
+    with pytest.raises(ValueError, match="unknown_field"):
+        StatPruneConfig.from_pretrained(tmp_path)
+
+    d = StatPruneConfig().to_dict()
+    d["schema_version"] = SCHEMA_VERSION + 1
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(d), encoding="utf-8")
+    with pytest.raises(ValueError, match="schema_version"):
+        StatPruneConfig.from_pretrained(tmp_path)

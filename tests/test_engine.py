@@ -1,0 +1,274 @@
+"""The block loop on tiny random models of every supported architecture."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny_models import BUILDERS, build, token_ids
+from transformers import AutoModelForCausalLM
+
+from optimum_statprune import StatPruneConfig, StatPruner
+from optimum_statprune.engine import _call_block, capture_block_inputs, iter_batches
+from optimum_statprune.manifest import MANIFEST_NAME, tensor_sha256
+from optimum_statprune.models import UnsupportedModelError, find_blocks, find_targets
+
+ARCHS = sorted(BUILDERS)
+
+
+def _targets(model, config=None):
+    path, blocks = find_blocks(model)
+    cfg = config or StatPruneConfig()
+    return [t for i, b in enumerate(blocks) for t in find_targets(b, f"{path}.{i}", cfg.targets, cfg.ignore)]
+
+
+def _outside_blocks(model):
+    path, _ = find_blocks(model)
+    return {k: v.clone() for k, v in model.state_dict().items() if not k.startswith(path + ".")}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_captured_inputs_reproduce_the_models_own_forward(arch):
+    """Running the blocks one by one on the captured arguments gives the model's own hidden states,
+    block by block, so the capture carries every per-block argument (masks, rotary, sliding windows)."""
+    model = build(arch)
+    ids = token_ids(4, 20)
+    with torch.no_grad():
+        reference = model(ids, output_hidden_states=True, use_cache=False).hidden_states
+    path, blocks = find_blocks(model)
+    batches = list(iter_batches(ids, None, 3))
+    inputs = capture_block_inputs(model, path, blocks, batches, torch.device("cpu"))
+    hidden = inputs.hidden
+    torch.testing.assert_close(torch.cat(hidden), reference[0])
+    with torch.no_grad():
+        for i, block in enumerate(blocks):
+            hidden = [_call_block(block, inputs, i, b, h) for b, h in enumerate(hidden)]
+            if i < len(blocks) - 1:  # the last entry has the final norm applied
+                torch.testing.assert_close(torch.cat(hidden), reference[i + 1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("method,pattern", [("wanda", "unstructured"), ("statprune", "2:4"), ("magnitude", "4:8")])
+def test_every_architecture_prunes_exactly(arch, method, pattern):
+    model = build(arch)
+    outside = _outside_blocks(model)
+    config = StatPruneConfig(method=method, pattern=pattern, sample_tokens=32, batch_size=4)
+    pruner = StatPruner.from_pretrained(model, config=config, device="cpu")
+    pruner.prune(token_ids(6, 16), progress=False)
+    targets = _targets(model, config)
+    assert len(pruner.report.layers) == len(targets) > 0
+    for t in targets:
+        w = t.weight()
+        if pattern == "unstructured":
+            per_row = (w == 0).sum(dim=1)
+            assert torch.all(per_row >= math.floor(0.5 * w.shape[1])), t.name
+        else:
+            n, m = (int(v) for v in pattern.split(":"))
+            nonzero = (w != 0).reshape(w.shape[0], -1, m).sum(-1)
+            assert torch.all(nonzero <= n), t.name
+    for rec in pruner.report.layers:
+        assert rec["sparsity"] == pytest.approx(0.5), rec["name"]
+    # embeddings, final norm and lm_head are never touched
+    for k, v in _outside_blocks(model).items():
+        assert torch.equal(v, outside[k]), k
+    with torch.no_grad():
+        assert torch.isfinite(model(token_ids(2, 12)).logits).all()
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+def test_starved_expert_falls_back_to_magnitude(arch):
+    model = build(arch)
+    path, blocks = find_blocks(model)
+
+    def never_expert_3(module, args, output):
+        logits, scores, index = output
+        return logits, scores, torch.where(index == 3, torch.zeros_like(index), index)
+
+    for block in blocks:
+        block.mlp.gate.register_forward_hook(never_expert_3)
+    pruner = StatPruner.from_pretrained(model, config=StatPruneConfig(method="wanda"), device="cpu")
+    pruner.prune(token_ids(4, 16), progress=False)
+    records = {r["name"]: r for r in pruner.report.layers}
+    starved = [n for n in records if ".experts.3." in n]
+    assert starved and all("fallback" in records[n] and records[n]["tokens"] == 0 for n in starved)
+    fed = [n for n in records if ".experts.0." in n]
+    assert fed and all("fallback" not in records[n] and records[n]["tokens"] > 0 for n in fed)
+    # the fallback is exactly magnitude pruning of the original weight
+    fresh = build(arch)
+    _, fresh_blocks = find_blocks(fresh)
+    w0 = fresh_blocks[0].mlp.experts.gate_up_proj[3]
+    w = blocks[0].mlp.experts.gate_up_proj[3]
+    keep = torch.ones_like(w0, dtype=torch.bool)
+    keep.scatter_(1, torch.sort(w0.abs(), dim=1, stable=True).indices[:, : w0.shape[1] // 2], False)
+    assert torch.equal(w != 0, keep)
+
+
+def _reference_wanda(model, ids, sparsity):
+    """The original Wanda loop, re-implemented naively: for each block in order, hook its linears,
+    run the whole (partly pruned) model on the calibration samples, accumulate the running mean of
+    squared input norms, then prune each row's lowest |W| * sqrt(scaler)."""
+    path, blocks = find_blocks(model)
+    masks = {}
+    for i, block in enumerate(blocks):
+        linears = {n: m for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+        scaler = {n: torch.zeros(m.in_features, dtype=torch.float64) for n, m in linears.items()}
+        seen = dict.fromkeys(linears, 0)
+        handles = []
+        for n, m in linears.items():
+
+            def hook(module, args, n=n):
+                x = args[0].reshape(-1, args[0].shape[-1]).double()
+                tmp = x.shape[0]
+                scaler[n] *= seen[n] / (seen[n] + tmp)
+                seen[n] += tmp
+                scaler[n] += (x.norm(dim=0) ** 2) / seen[n]
+
+            handles.append(m.register_forward_pre_hook(hook))
+        with torch.no_grad():
+            for s in range(ids.shape[0]):
+                model(ids[s : s + 1], use_cache=False)
+        for h in handles:
+            h.remove()
+        for n, m in linears.items():
+            metric = m.weight.abs().double() * scaler[n].sqrt()[None, :]
+            prune = torch.sort(metric, dim=-1, stable=True).indices[:, : int(m.in_features * sparsity)]
+            with torch.no_grad():
+                m.weight.scatter_(1, prune, 0.0)
+            masks[f"{path}.{i}.{n}"] = m.weight != 0
+    return masks
+
+
+def test_wanda_masks_match_the_original_loop():
+    ids = token_ids(8, 32, seed=1)
+    reference = _reference_wanda(build("llama", seed=3), ids, 0.5)
+    model = build("llama", seed=3)
+    StatPruner.from_pretrained(model, config=StatPruneConfig(method="wanda", batch_size=3), device="cpu").prune(
+        ids, progress=False
+    )
+    agree = total = 0
+    for t in _targets(model):
+        agree += int((reference[t.name] == (t.weight() != 0)).sum())
+        total += reference[t.name].numel()
+    assert agree / total >= 0.999
+
+
+def test_sequential_observes_pruned_inputs():
+    """Sequential mode prunes q/k/v before o_proj's inputs are observed: the first group's masks agree
+    with the one-pass mode, later groups see different inputs."""
+    ids = token_ids(6, 24)
+    one_pass, sequential = build("llama"), build("llama")
+    for model, seq in ((one_pass, False), (sequential, True)):
+        cfg = StatPruneConfig(method="wanda", sequential=seq, batch_size=4)
+        pruner = StatPruner.from_pretrained(model, config=cfg, device="cpu")
+        pruner.prune(ids, progress=False)
+        # early stopping inside a block never skips a micro-batch
+        assert all(rec["tokens"] == ids.numel() for rec in pruner.report.layers)
+    a, b = one_pass.model.layers[0], sequential.model.layers[0]
+    for name in ("q_proj", "k_proj", "v_proj"):
+        assert torch.equal(getattr(a.self_attn, name).weight, getattr(b.self_attn, name).weight)
+    assert not torch.equal(a.self_attn.o_proj.weight, b.self_attn.o_proj.weight)
+
+
+def test_padding_is_excluded_from_statistics(tmp_path):
+    """Padded micro-batches give the same masks as unpadded one-sample batches."""
+    from tiny_models import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    texts = ["a b c d e f g h", "b c", "c d e f a", "h g f e d c b a a b c d", "e"]
+    masks = []
+    for bs in (1, 5):
+        model = build("llama")
+        cfg = StatPruneConfig(method="wanda", batch_size=bs, seqlen=32)
+        StatPruner.from_pretrained(model, config=cfg, tokenizer=tok, device="cpu").prune(texts, progress=False)
+        masks.append([t.weight() != 0 for t in _targets(model)])
+    agree = sum(int((x == y).sum()) for x, y in zip(*masks))
+    total = sum(x.numel() for x in masks[0])
+    assert agree / total >= 0.999
+
+
+def test_save_reloads_with_identical_logits_and_manifest(tmp_path):
+    model = build("llama")
+    pruner = StatPruner.from_pretrained(model, config=StatPruneConfig(method="statprune", sample_tokens=32), device="cpu")
+    ids = token_ids(4, 16)
+    pruner.prune(ids, progress=False)
+    out = tmp_path / "pruned"
+    pruner.save_pretrained(out)
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, model(ids).logits)
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert manifest["schema_version"] == 1
+    assert manifest["config"]["compensation"] == "lsq" and manifest["config"]["safety_check"] is True
+    assert manifest["versions"]["torch"] and manifest["versions"]["transformers"]
+    cal = manifest["calibration"]
+    assert cal["nsamples"] == 4 and cal["seqlen"] == 16 and cal["tokens"] == 64 and len(cal["sha256"]) == 64
+    tensors = load_file(out / "model.safetensors")
+    assert len(manifest["layers"]) == 14
+    for rec in manifest["layers"]:
+        assert tensor_sha256(tensors[rec["tensor"]]) == rec["sha256"]
+        assert rec["sparsity"] == 0.5 and rec["shape"] == list(tensors[rec["tensor"]].shape)
+        comp = rec["compensation"]
+        assert comp["kind"] == "lsq" and {"error_none", "error_compensated", "applied"} <= set(comp)
+        assert comp["applied"] == (comp["error_compensated"] < comp["error_none"])
+
+
+def test_save_is_atomic_and_refuses_non_empty_dirs(tmp_path, monkeypatch):
+    model = build("llama")
+    pruner = StatPruner.from_pretrained(model, config=StatPruneConfig(method="magnitude"), device="cpu")
+    pruner.prune(progress=False)
+    out = tmp_path / "pruned"
+    import optimum_statprune.pruner as pruner_module
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pruner_module, "write_manifest", crash)
+    with pytest.raises(KeyboardInterrupt):
+        pruner.save_pretrained(out)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    pruner.save_pretrained(out)
+    with pytest.raises(FileExistsError, match="not empty"):
+        pruner.save_pretrained(out)
+    pruner.save_pretrained(out, overwrite=True)
+    assert (out / MANIFEST_NAME).exists() and sorted(p.name for p in tmp_path.iterdir()) == ["pruned"]
+
+
+def test_quantize_is_prune_then_save(tmp_path):
+    model = build("gpt2")
+    pruner = StatPruner.from_pretrained(model, config=StatPruneConfig(method="wanda"), device="cpu")
+    pruner.quantize(tmp_path / "out", calibration=token_ids(4, 16))
+    assert (tmp_path / "out" / MANIFEST_NAME).exists()
+    assert all(r["sparsity"] == 0.5 for r in pruner.report.layers)
+
+
+def test_targets_and_ignore_select_layers():
+    model = build("llama")
+    cfg = StatPruneConfig(method="magnitude", targets=[r"mlp\."], ignore=[r"down_proj"])
+    pruner = StatPruner.from_pretrained(model, config=cfg, device="cpu")
+    pruner.prune(progress=False)
+    names = {r["name"].split(".")[-1] for r in pruner.report.layers}
+    assert names == {"gate_proj", "up_proj"}
+    assert (model.model.layers[0].self_attn.q_proj.weight != 0).all()
+
+
+def test_unknown_architecture_error_says_how_to_name_blocks():
+    class NotATransformer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.ModuleList([torch.nn.Sequential(torch.nn.Linear(4, 4))])
+            self.b = torch.nn.ModuleList([torch.nn.Sequential(torch.nn.Linear(4, 4))])
+
+    with pytest.raises(UnsupportedModelError, match="blocks='model.layers'"):
+        find_blocks(NotATransformer())
+    path, blocks = find_blocks(NotATransformer(), blocks="b")
+    assert path == "b" and len(blocks) == 1
+
+
+def test_activation_methods_need_calibration():
+    pruner = StatPruner.from_pretrained(build("llama"), config=StatPruneConfig(method="wanda"), device="cpu")
+    with pytest.raises(ValueError, match="needs calibration"):
+        pruner.prune(progress=False)
