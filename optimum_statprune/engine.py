@@ -8,6 +8,7 @@ rest of the model after capture.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -128,10 +129,8 @@ def capture_block_inputs(
     try:
         for batch in batches:
             mask = batch.attention_mask.to(device) if batch.attention_mask is not None else None
-            try:
+            with contextlib.suppress(_Stop):
                 model(input_ids=batch.input_ids.to(device), attention_mask=mask, use_cache=False)
-            except _Stop:
-                pass
             inputs.token_masks.append(mask.bool() if mask is not None else None)
     finally:
         for block in blocks:
@@ -181,10 +180,7 @@ class Observer:
             modules.setdefault(id(t.module), (t.module, []))[1].append(t)
         self._stop_after = set(modules) if stop_when_done else None
         for key, (module, ts) in modules.items():
-            if ts[0].kind == "expert":
-                hook = self._expert_hook(key, ts)
-            else:
-                hook = self._linear_hook(key, ts[0])
+            hook = self._expert_hook(key, ts) if ts[0].kind == "expert" else self._linear_hook(key, ts[0])
             self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
 
     def detach(self) -> None:
@@ -294,7 +290,7 @@ class PruneReport:
 
 def _call_block(block: nn.Module, inputs: BlockInputs, i: int, b: int, hidden: torch.Tensor) -> torch.Tensor:
     args, kwargs = inputs.args[i][b], inputs.kwargs[i][b]
-    out = block(hidden_states=hidden, *args, **kwargs) if inputs.hidden_as_kwarg else block(hidden, *args, **kwargs)
+    out = block(*args, hidden_states=hidden, **kwargs) if inputs.hidden_as_kwarg else block(hidden, *args, **kwargs)
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
@@ -303,10 +299,8 @@ def _observe(block, inputs, i, hidden, observer: Observer, targets=None, stop=Fa
     try:
         for b, h in enumerate(hidden):
             observer.begin_batch(inputs.token_masks[b])
-            try:
+            with contextlib.suppress(_Stop):
                 _call_block(block, inputs, i, b, h)
-            except _Stop:
-                pass
     finally:
         observer.detach()
 

@@ -62,7 +62,8 @@ class Target:
 
 
 def text_config(model: nn.Module):
-    config = model.config
+    """The language model's config (the text part of a multimodal config), or None."""
+    config = getattr(model, "config", None)
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 

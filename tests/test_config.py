@@ -195,7 +195,7 @@ def test_validate_rechecks_after_mutation():
         {"compensation": "ec", "ec_steps": "row,column", "ec_centered": False, "ec_clamp": (0.5, 4.0)},
         {"compensation": "bias", "add_bias": True, "safety_check": False},
         {"sparsity": 1e-6, "seed": 0, "sample_tokens": 1, "nsamples": 1, "seqlen": 1, "batch_size": 1},
-        {"targets": ["q_proj", "re:.*mlp"], "ignore": ["lm_head"], "sequential": False},
+        {"targets": ["q_proj", "re:.*mlp"], "ignore": ["lm_head"], "sequential": True},
         {"pattern": "1:100"},
     ],
 )
@@ -280,7 +280,7 @@ NON_DEFAULT = {
     "seqlen": 256,
     "seed": 7,
     "batch_size": 2,
-    "sequential": False,
+    "sequential": True,
     "targets": ["q_proj", "k_proj"],
     "ignore": ["layers\\.0\\."],
 }

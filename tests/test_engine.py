@@ -119,7 +119,7 @@ def _reference_wanda(model, ids, sparsity):
         handles = []
         for n, m in linears.items():
 
-            def hook(module, args, n=n):
+            def hook(module, args, n=n, scaler=scaler, seen=seen):
                 x = args[0].reshape(-1, args[0].shape[-1]).double()
                 tmp = x.shape[0]
                 scaler[n] *= seen[n] / (seen[n] + tmp)
@@ -184,7 +184,7 @@ def test_padding_is_excluded_from_statistics(tmp_path):
         cfg = StatPruneConfig(method="wanda", batch_size=bs, seqlen=32)
         StatPruner.from_pretrained(model, config=cfg, tokenizer=tok, device="cpu").prune(texts, progress=False)
         masks.append([t.weight() != 0 for t in _targets(model)])
-    agree = sum(int((x == y).sum()) for x, y in zip(*masks))
+    agree = sum(int((x == y).sum()) for x, y in zip(*masks, strict=True))
     total = sum(x.numel() for x in masks[0])
     assert agree / total >= 0.999
 
