@@ -334,6 +334,22 @@ def _input_groups(block, inputs, i, hidden, targets: list[Target]) -> list[list[
     return list(groups.values())
 
 
+def _prune_block(block, inputs, i, hidden, blocks_path, config, device) -> list[dict[str, Any]]:
+    targets = find_targets(block, f"{blocks_path}.{i}", config.targets, config.ignore)
+    if not config.needs_activations:
+        return [prune_target(t, None, config) for t in targets]
+    observer = Observer(targets, config, device, i)
+    records = []
+    if config.sequential:
+        for group in _input_groups(block, inputs, i, hidden, targets):
+            _observe(block, inputs, i, hidden, observer, group, stop=True)
+            records += [prune_target(t, observer.stats.pop(t.name), config) for t in group]
+    else:
+        _observe(block, inputs, i, hidden, observer)
+        records += [prune_target(t, observer.stats.pop(t.name), config) for t in targets]
+    return records
+
+
 @torch.no_grad()
 def prune_blocks(
     store: BlockStore,
@@ -343,8 +359,13 @@ def prune_blocks(
     config: StatPruneConfig,
     device: torch.device,
     progress: bool = True,
+    skip: set[int] | frozenset[int] = frozenset(),
+    on_block_pruned: Callable[[int, list[dict[str, Any]]], None] | None = None,
 ) -> PruneReport:
-    """Prune blocks ``0..n_blocks-1`` in order, feeding each the pruned outputs of the one before."""
+    """Prune blocks ``0..n_blocks-1`` in order, feeding each the pruned outputs of the one before.
+
+    Blocks in ``skip`` were pruned by an earlier run: they are only re-run to make the next block's
+    inputs. ``on_block_pruned(i, records)`` is called before block ``i`` is stored."""
     report = PruneReport()
     start = time.perf_counter()
     hidden = inputs.hidden
@@ -352,21 +373,11 @@ def prune_blocks(
     for i in bar:
         t0 = time.perf_counter()
         block = store.load(i, device)
-        targets = find_targets(block, f"{blocks_path}.{i}", config.targets, config.ignore)
-        observer = Observer(targets, config, device, i) if config.needs_activations else None
-        if observer is None:
-            for t in targets:
-                report.layers.append(prune_target(t, None, config))
-        elif config.sequential:
-            for group in _input_groups(block, inputs, i, hidden, targets):
-                _observe(block, inputs, i, hidden, observer, group, stop=True)
-                for t in group:
-                    report.layers.append(prune_target(t, observer.stats.pop(t.name), config))
-        else:
-            _observe(block, inputs, i, hidden, observer)
-            for t in targets:
-                report.layers.append(prune_target(t, observer.stats.pop(t.name), config))
-        del observer
+        if i not in skip:
+            records = _prune_block(block, inputs, i, hidden, blocks_path, config, device)
+            report.layers.extend(records)
+            if on_block_pruned is not None:
+                on_block_pruned(i, records)
         if i < n_blocks - 1:
             hidden = [_call_block(block, inputs, i, b, h) for b, h in enumerate(hidden)]
         store.store(i, block)

@@ -51,6 +51,13 @@ class Target:
             self.weight().copy_(value.to(self.weight().dtype))
 
     @property
+    def state_key(self) -> str:
+        """The state-dict key of the tensor this weight lives in (the whole fused tensor for experts)."""
+        if self.kind == "expert":
+            return f"{self.name.rsplit('.', 2)[0]}.{self.param}"
+        return f"{self.name}.{self.param}"
+
+    @property
     def bias(self) -> torch.Tensor | None:
         if self.kind == "expert":
             return None

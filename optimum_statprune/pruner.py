@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 from optimum.quantization_base import OptimumQuantizer
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .config import StatPruneConfig
 from .engine import CalibrationBatch, PruneReport, iter_batches, prune_model
@@ -27,26 +27,34 @@ class StatPruner(OptimumQuantizer):
     """Prunes a causal LM's decoder blocks one at a time.
 
     >>> pruner = StatPruner.from_pretrained("path/or/hub-id", config=StatPruneConfig(sparsity=0.5))
-    >>> model = pruner.prune(["some calibration text", ...])
-    >>> pruner.save_pretrained("pruned-model")
+    >>> model = pruner.prune(["some calibration text", ...])      # in memory, or
+    >>> pruner.prune(texts, output_dir="pruned-model")              # shard to shard, never all in RAM
     """
 
     def __init__(
         self,
-        model: PreTrainedModel,
+        model: PreTrainedModel | None = None,
         config: StatPruneConfig | None = None,
         tokenizer: Any = None,
         device: str | torch.device | None = None,
         blocks: str | None = None,
+        source: str | os.PathLike | None = None,
+        loading_kwargs: dict[str, Any] | None = None,
     ):
-        self.model = model
+        if model is None and source is None:
+            raise ValueError("StatPruner needs a model or a source path / Hub id")
+        self._model = model
+        self.source = source
+        self.loading_kwargs = dict(loading_kwargs or {})
+        self.loading_kwargs.setdefault("trust_remote_code", False)
         self.config = config if config is not None else StatPruneConfig()
         self.tokenizer = tokenizer
         self.device = device
         self.blocks = blocks
         self.report: PruneReport | None = None
         self.calibration_info: dict[str, Any] | None = None
-        find_blocks(model, blocks)  # fail now, not after loading calibration data
+        if model is not None:
+            find_blocks(model, blocks)  # fail now, not after loading calibration data
 
     @classmethod
     def from_pretrained(
@@ -60,17 +68,50 @@ class StatPruner(OptimumQuantizer):
     ) -> StatPruner:
         """From a local directory, a Hub id, or an already loaded model (pass ``tokenizer=`` then).
 
-        ``loading_kwargs`` go to ``AutoModelForCausalLM.from_pretrained`` (``torch_dtype``,
-        ``gguf_file``, ``revision``...). ``trust_remote_code`` stays off unless given.
+        ``loading_kwargs`` go to ``AutoModelForCausalLM.from_pretrained`` (``dtype``, ``gguf_file``,
+        ``revision``, ``device_map``...). ``trust_remote_code`` stays off unless given. The weights are
+        not loaded here: ``prune(..., output_dir=...)`` streams them from the checkpoint's shards, and
+        ``pruner.model`` loads them in memory on first use.
         """
         if isinstance(model_or_path, PreTrainedModel):
             return cls(model_or_path, config, tokenizer, device, blocks)
-        loading_kwargs.setdefault("trust_remote_code", False)
-        model = AutoModelForCausalLM.from_pretrained(model_or_path, **loading_kwargs)
         if tokenizer is None:
-            tok_kwargs = {k: loading_kwargs[k] for k in ("gguf_file", "revision", "trust_remote_code") if k in loading_kwargs}
-            tokenizer = AutoTokenizer.from_pretrained(model_or_path, **tok_kwargs)
-        return cls(model, config, tokenizer, device, blocks)
+            keys = ("gguf_file", "revision", "trust_remote_code", "token", "cache_dir")
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(model_or_path, **{k: loading_kwargs[k] for k in keys if k in loading_kwargs})
+            except (OSError, ValueError) as e:  # token-id calibration needs none; text calibration will say so
+                logger.warning("no tokenizer loaded from %s (%s)", model_or_path, str(e).splitlines()[0])
+        return cls(None, config, tokenizer, device, blocks, source=model_or_path, loading_kwargs=loading_kwargs)
+
+    @property
+    def model(self) -> PreTrainedModel:
+        """The model in memory (loaded from ``source`` on first use)."""
+        if self._model is None:
+            self._model = AutoModelForCausalLM.from_pretrained(self.source, **self.loading_kwargs)
+            find_blocks(self._model, self.blocks)
+        return self._model
+
+    @property
+    def model_config(self):
+        if self._model is not None:
+            return self._model.config
+        keys = ("gguf_file", "revision", "trust_remote_code", "token", "cache_dir")
+        return AutoConfig.from_pretrained(self.source, **{k: self.loading_kwargs[k] for k in keys if k in self.loading_kwargs})
+
+    def _checkpoint_dir(self) -> Path | None:
+        """The local safetensors checkpoint to stream from, or None when the weights must be loaded."""
+        if self._model is not None or self.loading_kwargs.get("gguf_file") or self.loading_kwargs.get("device_map"):
+            return None
+        path = Path(self.source)
+        if not path.is_dir():
+            from huggingface_hub import snapshot_download
+
+            patterns = ["*.safetensors", "*.json"]
+            kwargs = {k: self.loading_kwargs[k] for k in ("revision", "token", "cache_dir") if k in self.loading_kwargs}
+            path = Path(snapshot_download(str(self.source), allow_patterns=patterns, **kwargs))
+        if (path / "model.safetensors.index.json").is_file() or (path / "model.safetensors").is_file():
+            return path
+        return None
 
     # ------------------------------------------------------------------------------------ calibration
     def calibration_batches(self, calibration: Calibration) -> list[CalibrationBatch]:
@@ -114,21 +155,55 @@ class StatPruner(OptimumQuantizer):
         return enc["input_ids"], enc["attention_mask"]
 
     # ------------------------------------------------------------------------------------ pruning
-    def prune(self, calibration: Calibration = None, progress: bool = True) -> PreTrainedModel:
-        """Prune the model in place and return it. Magnitude pruning needs no ``calibration``."""
-        if self.config.needs_activations:
-            if calibration is None:
-                raise ValueError(f"method {self.config.method!r} needs calibration data (texts or token ids)")
-            batches = self.calibration_batches(calibration)
-        else:
-            batches = []
-        self.report = prune_model(self.model, batches, self.config, self.device, self.blocks, progress)
+    def prune(
+        self,
+        calibration: Calibration = None,
+        output_dir: str | os.PathLike | None = None,
+        overwrite: bool = False,
+        progress: bool = True,
+    ) -> PreTrainedModel | str:
+        """Prune and return the model, or with ``output_dir`` write the pruned model there and return its
+        path. Magnitude pruning needs no ``calibration``.
+
+        With ``output_dir`` and a safetensors checkpoint as source, blocks are streamed from the input
+        shards to the output shards and the whole model is never in host memory; an interrupted run
+        resumes when called again with the same arguments."""
+        if output_dir is not None:
+            output = Path(output_dir)
+            if output.exists() and any(output.iterdir()) and not overwrite:
+                raise FileExistsError(f"{output} is not empty; choose another directory or pass overwrite=True")
+        batches = self._batches(calibration)
+        checkpoint = self._checkpoint_dir() if output_dir is not None else None
+        if checkpoint is not None:
+            from .streaming import prune_checkpoint
+
+            self.report = prune_checkpoint(
+                checkpoint, output_dir, batches, self.config, self.calibration_info, self._device(),
+                dtype=_dtype(self.loading_kwargs.get("dtype", self.loading_kwargs.get("torch_dtype"))),
+                tokenizer=self.tokenizer, blocks=self.blocks, overwrite=overwrite, progress=progress,
+                trust_remote_code=self.loading_kwargs["trust_remote_code"],
+            )
+            return str(output_dir)
+        self.report = prune_model(self.model, batches, self.config, self._device(), self.blocks, progress)
+        if output_dir is not None:
+            return self.save_pretrained(output_dir, overwrite=overwrite)
         return self.model
 
+    def _batches(self, calibration: Calibration) -> list[CalibrationBatch]:
+        if not self.config.needs_activations:
+            return []
+        if calibration is None:
+            raise ValueError(f"method {self.config.method!r} needs calibration data (texts or token ids)")
+        return self.calibration_batches(calibration)
+
+    def _device(self) -> torch.device:
+        if self.device is not None:
+            return torch.device(self.device)
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
     def quantize(self, save_dir: str | Path, file_prefix: str | None = None, calibration: Calibration = None, **kwargs):
-        """Optimum's entry point: prune, then save to ``save_dir``."""
-        self.prune(calibration)
-        return self.save_pretrained(save_dir, **kwargs)
+        """Optimum's entry point: prune into ``save_dir`` (streaming when the source allows it)."""
+        return self.prune(calibration, output_dir=save_dir, **kwargs)
 
     # ------------------------------------------------------------------------------------ saving
     def manifest(self) -> dict[str, Any]:
@@ -145,8 +220,7 @@ class StatPruner(OptimumQuantizer):
         for rec in self.report.layers:
             rec = dict(rec)
             t = targets[rec["name"]]
-            key = f"{t.name}.weight" if t.kind != "expert" else t.name.rsplit(".", 2)[0] + f".{t.param}"
-            rec["tensor"] = key if key in params else None
+            rec["tensor"] = t.state_key if t.state_key in params else None
             rec["sha256"] = tensor_sha256(t.weight())
             layers.append(rec)
         info = {
@@ -178,6 +252,18 @@ class StatPruner(OptimumQuantizer):
             raise
         logger.info("saved pruned model to %s", save_dir)
         return str(save_dir)
+
+
+def _dtype(value: Any) -> torch.dtype | None:
+    """``torch.float16`` / ``"float16"`` -> dtype; ``None`` / ``"auto"`` -> keep the checkpoint's."""
+    if value is None or value == "auto":
+        return None
+    if isinstance(value, torch.dtype):
+        return value
+    dtype = getattr(torch, str(value).replace("torch.", ""), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {value!r}; use e.g. float16, bfloat16 or float32")
+    return dtype
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
