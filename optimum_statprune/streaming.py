@@ -59,7 +59,7 @@ class CheckpointReader:
             with safe_open(single, framework="pt") as f:
                 self.weight_map = dict.fromkeys(f.keys(), single.name)
 
-    def keys(self) -> list[str]:
+    def tensor_names(self) -> list[str]:
         return list(self.weight_map)
 
     def read(self, keys: Sequence[str], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
@@ -158,7 +158,7 @@ class StreamingBlockStore:
 
     def block_keys(self, index: int) -> list[str]:
         prefix = f"{self.blocks_path}.{index}."
-        return [k for k in self.reader.keys() if k.startswith(prefix)]
+        return [k for k in self.reader.tensor_names() if k.startswith(prefix)]
 
     def load(self, index: int, device: torch.device) -> nn.Module:
         block = self.blocks[index]
@@ -166,7 +166,7 @@ class StreamingBlockStore:
         if index in self.done:
             shard = self.partial / self.writer.state["blocks"][str(index)]["shard"]
             with safe_open(shard, framework="pt", device=str(device)) as f:
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
         else:
             tensors = self.reader.read(self.block_keys(index), device)
         expected = {prefix + k for k, _ in _persistent_tensors(block)}
@@ -200,7 +200,7 @@ def _persistent_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
 
 def _load_outside(model: nn.Module, blocks_path: str, reader: CheckpointReader, device: torch.device, dtype) -> list[str]:
     """Load every checkpoint tensor outside the blocks into the skeleton; return their names."""
-    keys = [k for k in reader.keys() if not k.startswith(blocks_path + ".")]
+    keys = [k for k in reader.tensor_names() if not k.startswith(blocks_path + ".")]
     for key, value in reader.read(keys, "cpu").items():
         if dtype is not None and value.is_floating_point():
             value = value.to(dtype)
