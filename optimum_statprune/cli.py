@@ -111,10 +111,11 @@ class CLIError(Exception):
 
     exit_code = 1
 
-    def __init__(self, message: str, exit_code: int | None = None):
+    def __init__(self, message: str, exit_code: int | None = None, prog: str | None = None):
         super().__init__(message)
         if exit_code is not None:
             self.exit_code = exit_code
+        self.prog = prog
 
 
 class UsageError(CLIError):
@@ -131,7 +132,7 @@ def _install_one_line_errors(parser: argparse.ArgumentParser) -> None:
     """argparse errors become a ``UsageError`` (one line) instead of usage + message + exit."""
 
     def error(message: str) -> typing.NoReturn:
-        raise UsageError(f"{message} (see '{parser.prog} --help')")
+        raise UsageError(f"{message} (see '{parser.prog} --help')", prog=parser.prog)
 
     parser.error = error  # type: ignore[method-assign]
 
@@ -150,7 +151,7 @@ class _Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one-line ``UsageError``s (subparsers inherit the class)."""
 
     def error(self, message: str) -> typing.NoReturn:
-        raise UsageError(f"{message} (see '{self.prog} --help')")
+        raise UsageError(f"{message} (see '{self.prog} --help')", prog=self.prog)
 
 
 # ------------------------------------------------------------------------------------------------ config flags
@@ -458,7 +459,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
     except UsageError as exc:
-        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"{exc.prog or PROG}: error: {_one_line(exc)}", file=sys.stderr)
         return exc.exit_code
     except SystemExit as exc:  # --help, --version
         return exc.code if isinstance(exc.code, int) else 0
@@ -787,7 +788,7 @@ def _fmt_count(n: int) -> str:
 def _describe_config(config: StatPruneConfig) -> str:
     if config.nm is not None:
         return f"{config.method}, {config.pattern}"
-    return f"{config.method}, {config.sparsity:.0%} unstructured ({config.group} groups)"
+    return f"{config.method}, {config.sparsity:.0%} unstructured, {config.group} groups"
 
 
 # ------------------------------------------------------------------------------------------------ prune

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from .compensation import compensate
 from .config import StatPruneConfig
 from .masks import make_mask
-from .models import Target, find_blocks, find_targets
+from .models import Target, find_blocks, find_targets, text_config
 from .scores import layer_scores
 from .stats import ChannelStats
 
@@ -48,6 +48,8 @@ class BlockInputs:
     args: list[list[tuple]]  # [block][batch] positional args after hidden_states
     kwargs: list[list[dict[str, Any]]]  # [block][batch]
     token_masks: list[torch.Tensor | None]
+    on_host: bool = False  # hidden states kept in (pinned) host memory between blocks
+    device: torch.device | None = None  # where the blocks run
 
 
 class BlockStore(Protocol):
@@ -96,23 +98,56 @@ def _restore_outside(model: nn.Module, homes: dict[str, torch.device]) -> None:
                 t.data = t.data.to(home)
 
 
+ACTIVATION_PLACEMENTS = ("auto", "device", "host")
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    t = t.to("cpu")
+    return t.pin_memory() if torch.cuda.is_available() else t
+
+
+def choose_placement(
+    placement: str, batches: Sequence[CalibrationBatch], hidden_size: int, dtype: torch.dtype, device: torch.device
+) -> bool:
+    """True = keep hidden states on the host. ``auto`` keeps them on the GPU when two copies (a block's
+    inputs and outputs) fit in half of its free memory, leaving the rest for the block and its work."""
+    if placement not in ACTIVATION_PLACEMENTS:
+        raise ValueError(f"activations={placement!r}: choose one of {', '.join(ACTIVATION_PLACEMENTS)}")
+    if placement != "auto":
+        return placement == "host"
+    if device.type != "cuda":
+        return False
+    tokens = sum(b.input_ids.numel() for b in batches)
+    need = 2 * tokens * hidden_size * torch.empty((), dtype=dtype).element_size()
+    free, _ = torch.cuda.mem_get_info(device)
+    on_host = need > free / 2
+    logger.info("calibration activations: %.2f GiB, kept on the %s", need / 2**30, "host" if on_host else "GPU")
+    return on_host
+
+
 @torch.no_grad()
 def capture_block_inputs(
-    model: nn.Module, blocks_path: str, blocks: nn.ModuleList, batches: Sequence[CalibrationBatch], device: torch.device
+    model: nn.Module,
+    blocks_path: str,
+    blocks: nn.ModuleList,
+    batches: Sequence[CalibrationBatch],
+    device: torch.device,
+    on_host: bool = False,
 ) -> BlockInputs:
     """Run the model with every block replaced by a recorder, so one cheap pass yields block 0's hidden
     states and every block's own keyword arguments (masks and rotary embeddings can differ per block,
     e.g. sliding-window layers). No block's weights are touched."""
-    inputs = BlockInputs([], False, [[] for _ in blocks], [[] for _ in blocks], [])
+    inputs = BlockInputs([], False, [[] for _ in blocks], [[] for _ in blocks], [], on_host, device)
+    keep = _to_host if on_host else (lambda t: t)
     last = len(blocks) - 1
 
     def recorder(index: int) -> Callable:
         def record(*args, **kwargs):
             if index == 0:
                 if args:
-                    inputs.hidden.append(args[0])
+                    inputs.hidden.append(keep(args[0]))
                 else:
-                    inputs.hidden.append(kwargs["hidden_states"])
+                    inputs.hidden.append(keep(kwargs["hidden_states"]))
                     inputs.hidden_as_kwarg = True
             rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
             inputs.args[index].append(tuple(args[1:]))
@@ -290,6 +325,8 @@ class PruneReport:
 
 def _call_block(block: nn.Module, inputs: BlockInputs, i: int, b: int, hidden: torch.Tensor) -> torch.Tensor:
     args, kwargs = inputs.args[i][b], inputs.kwargs[i][b]
+    if inputs.on_host:
+        hidden = hidden.to(inputs.device, non_blocking=True)
     out = block(*args, hidden_states=hidden, **kwargs) if inputs.hidden_as_kwarg else block(hidden, *args, **kwargs)
     return out[0] if isinstance(out, (tuple, list)) else out
 
@@ -379,7 +416,8 @@ def prune_blocks(
             if on_block_pruned is not None:
                 on_block_pruned(i, records)
         if i < n_blocks - 1:
-            hidden = [_call_block(block, inputs, i, b, h) for b, h in enumerate(hidden)]
+            outputs = (_call_block(block, inputs, i, b, h) for b, h in enumerate(hidden))
+            hidden = [_to_host(o) for o in outputs] if inputs.on_host else list(outputs)
         store.store(i, block)
         report.block_seconds.append(time.perf_counter() - t0)
     report.seconds = time.perf_counter() - start
@@ -393,20 +431,31 @@ def prune_model(
     device: torch.device | str | None = None,
     blocks: str | None = None,
     progress: bool = True,
+    activations: str = "auto",
 ) -> PruneReport:
-    """Prune a loaded model's decoder blocks in place."""
+    """Prune a loaded model's decoder blocks in place. ``activations``: where calibration hidden states
+    live between blocks ("device", "host", or "auto" by free GPU memory)."""
     device = torch.device(device) if device is not None else _default_device()
     blocks_path, block_list = find_blocks(model, blocks)
     was_training = model.training
     model.eval()
     try:
         if config.needs_activations:
-            inputs = capture_block_inputs(model, blocks_path, block_list, batches, device)
+            on_host = choose_placement(activations, batches, _hidden_size(model), model.dtype, device)
+            inputs = capture_block_inputs(model, blocks_path, block_list, batches, device, on_host)
         else:
             inputs = BlockInputs([], False, [], [], [])
         return prune_blocks(ModelBlockStore(block_list), len(block_list), blocks_path, inputs, config, device, progress)
     finally:
         model.train(was_training)
+
+
+def _hidden_size(model: nn.Module) -> int:
+    config = text_config(model)
+    for name in ("hidden_size", "n_embd", "d_model"):
+        if getattr(config, name, None):
+            return int(getattr(config, name))
+    return model.get_input_embeddings().weight.shape[1]
 
 
 def _default_device() -> torch.device:

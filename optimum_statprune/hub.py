@@ -132,8 +132,8 @@ def _card_body(manifest: dict[str, Any], base: str | None, title: str) -> str:
     lines = [
         f"# {title}",
         "",
-        f"{source} pruned after training by {what} to {total:.1%} sparsity ({pattern}) with "
-        "optimum-statprune, one decoder block at a time from first-order weight and activation statistics. "
+        f"{source}, pruned to {total:.1%} sparsity ({pattern}) by {what} with optimum-statprune: "
+        "post-training, one decoder block at a time, from first-order weight and activation statistics. "
         "No weights were retrained.",
         "",
         "The weights are stored dense (pruned weights are exact zeros in the safetensors files), so the model "
@@ -172,7 +172,8 @@ def _card_body(manifest: dict[str, Any], base: str | None, title: str) -> str:
     versions = manifest.get("versions") or {}
     if versions:
         shown = ", ".join(f"{k} {v}" for k, v in versions.items() if v)
-        lines += [f"Made with {shown}; pruning took {manifest.get('pruning_seconds') or 0:.0f} s.", ""]
+        seconds = float(manifest.get("pruning_seconds") or 0.0)
+        lines += [f"Made with {shown}; pruning took {seconds:.3g} s.", ""]
     return "\n".join(lines)
 
 
@@ -217,7 +218,11 @@ def _reproduce(manifest: dict[str, Any], base: str | None) -> list[str]:
     from .config import StatPruneConfig
 
     defaults = StatPruneConfig().__dict__
-    changed = {k: v for k, v in cfg.items() if k != "schema_version" and k in defaults and v != _jsonable(defaults[k])}
+    always = ("method", "sparsity", "pattern")
+    changed = {
+        k: v for k, v in cfg.items()
+        if k in always or (k != "schema_version" and k in defaults and v != _jsonable(defaults[k]))
+    }
     args = ", ".join(f"{k}={v!r}" for k, v in changed.items())
     lines = [
         "With the command line (calibration: your text file or dataset):",

@@ -57,7 +57,9 @@ def _check_target(target: float) -> None:
 
 def _check_lam(lam: float) -> None:
     if not (isinstance(lam, (int, float)) and math.isfinite(lam) and 0 <= lam < 1):
-        raise ValueError(f"OWL lambda (the sparsity spread around the target) must lie in [0, 1), got {lam!r}")
+        raise ValueError(
+            f"OWL lambda (the sparsity spread around the target) must lie in [0, 1), got {lam!r}"
+        )
 
 
 # --------------------------------------------------------------------------- step 1: outlier ratio
@@ -72,7 +74,9 @@ def outlier_ratio(scores: torch.Tensor | Sequence[torch.Tensor], M: float) -> fl
     scores, without building the concatenation. A fraction in [0, 1], not the reference's percent;
     only the relative values matter to ``owl_sparsities``."""
     if not (isinstance(M, (int, float)) and math.isfinite(M) and M > 0):
-        raise ValueError(f"OWL outlier threshold M must be a positive finite multiple of the mean score, got {M!r}")
+        raise ValueError(
+            f"OWL outlier threshold M must be a positive finite multiple of the mean score, got {M!r}"
+        )
     parts = [scores] if isinstance(scores, torch.Tensor) else list(scores)
     numel = sum(p.numel() for p in parts)
     if numel == 0:
@@ -142,7 +146,9 @@ def owl_sparsities(
     if mapping not in ("centered", "original"):
         raise ValueError(f"mapping must be 'centered' or 'original', got {mapping!r}")
     if len(ratios) != len(block_sizes) or not ratios:
-        raise ValueError(f"need one ratio per block and at least one block; got {len(ratios)} ratios, {len(block_sizes)} sizes")
+        raise ValueError(
+            f"need one ratio per block and at least one block; got {len(ratios)} ratios, {len(block_sizes)} sizes"
+        )
     r = torch.tensor([float(x) for x in ratios], dtype=torch.float64)
     w = torch.tensor([float(x) for x in block_sizes], dtype=torch.float64)
     if not bool(torch.isfinite(r).all()) or bool((r < 0).any()):
@@ -240,7 +246,9 @@ def owl_prune_counts(
     if group not in ("row", "layer"):
         raise ValueError(f"group must be 'row' or 'layer', got {group!r}")
     if len(sparsities) != len(shapes):
-        raise ValueError(f"need one sparsity per block: {len(sparsities)} sparsities for {len(shapes)} blocks")
+        raise ValueError(
+            f"need one sparsity per block: {len(sparsities)} sparsities for {len(shapes)} blocks"
+        )
     units: dict[int, list[tuple[int, int, float, int]]] = {}  # step weight -> [(block, linear, desired, cap)]
     for b, (s, block) in enumerate(zip(sparsities, shapes, strict=True)):
         if not (math.isfinite(s) and 0 <= s <= 1):
@@ -255,7 +263,9 @@ def owl_prune_counts(
     for members in units.values():
         caps = [cap for *_, cap in members]
         uniform = sum(prune_count(cap, target) for cap in caps)
-        for (b, li, _, _), k in zip(members, _apportion([d for _, _, d, _ in members], caps, uniform), strict=True):
+        for (b, li, _, _), k in zip(
+            members, _apportion([d for _, _, d, _ in members], caps, uniform), strict=True
+        ):
             counts[b][li] = k
     return counts
 

@@ -161,13 +161,15 @@ class StatPruner(OptimumQuantizer):
         output_dir: str | os.PathLike | None = None,
         overwrite: bool = False,
         progress: bool = True,
+        activations: str = "auto",
     ) -> PreTrainedModel | str:
         """Prune and return the model, or with ``output_dir`` write the pruned model there and return its
         path. Magnitude pruning needs no ``calibration``.
 
         With ``output_dir`` and a safetensors checkpoint as source, blocks are streamed from the input
         shards to the output shards and the whole model is never in host memory; an interrupted run
-        resumes when called again with the same arguments."""
+        resumes when called again with the same arguments. ``activations`` places the calibration hidden
+        states between blocks: "device", "host" (pinned memory), or "auto" by free GPU memory."""
         if output_dir is not None:
             output = Path(output_dir)
             if output.exists() and any(output.iterdir()) and not overwrite:
@@ -181,10 +183,10 @@ class StatPruner(OptimumQuantizer):
                 checkpoint, output_dir, batches, self.config, self.calibration_info, self._device(),
                 dtype=_dtype(self.loading_kwargs.get("dtype", self.loading_kwargs.get("torch_dtype"))),
                 tokenizer=self.tokenizer, blocks=self.blocks, overwrite=overwrite, progress=progress,
-                trust_remote_code=self.loading_kwargs["trust_remote_code"],
+                trust_remote_code=self.loading_kwargs["trust_remote_code"], activations=activations,
             )
             return str(output_dir)
-        self.report = prune_model(self.model, batches, self.config, self._device(), self.blocks, progress)
+        self.report = prune_model(self.model, batches, self.config, self._device(), self.blocks, progress, activations)
         if output_dir is not None:
             return self.save_pretrained(output_dir, overwrite=overwrite)
         return self.model

@@ -55,7 +55,9 @@ class HessianAccumulator:
     ``d_in x d_in`` matrix but makes batch-split differences negligible.
     """
 
-    def __init__(self, dim: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+    def __init__(
+        self, dim: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
+    ):
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"accumulate the Hessian in float32 or float64, not {dtype}")
         self.dim = dim
@@ -233,7 +235,7 @@ def sparsegpt_prune(
     percdamp: float = 0.01,
     max_retries: int = 5,
     group: str = "row",
-    allocation: str = "lookahead",
+    allocation: str = "even",
 ) -> SparseGPTResult:
     """Prune ``weight`` ``[d_out, d_in]`` with SparseGPT's OBS updates, given ``H`` ``[d_in, d_in]``.
 
@@ -251,7 +253,9 @@ def sparsegpt_prune(
         raise ValueError(f"expected a 2-D weight [d_out, d_in], got shape {tuple(weight.shape)}")
     d_out, d_in = weight.shape
     if tuple(H.shape) != (d_in, d_in):
-        raise ValueError(f"H must be [{d_in}, {d_in}] for a weight of shape {tuple(weight.shape)}, got {tuple(H.shape)}")
+        raise ValueError(
+            f"H must be [{d_in}, {d_in}] for a weight of shape {tuple(weight.shape)}, got {tuple(H.shape)}"
+        )
     nm = _parse_pattern(pattern)
     if nm is None and not 0.0 <= sparsity <= 1.0:
         raise ValueError(f"sparsity must lie in [0, 1], got {sparsity}")
@@ -271,7 +275,9 @@ def sparsegpt_prune(
                 f"an {pattern} pattern needs the input width to be a multiple of {nm[1]}; this layer has {d_in} inputs"
             )
         if blocksize % nm[1]:
-            raise ValueError(f"blocksize {blocksize} must be a multiple of M={nm[1]} so that no N:M group straddles blocks")
+            raise ValueError(
+                f"blocksize {blocksize} must be a multiple of M={nm[1]} so that no N:M group straddles blocks"
+            )
 
     w0 = weight.detach().to(torch.float32).clone()
     h = H.detach().to(device=w0.device, dtype=torch.float32).clone()
@@ -293,7 +299,9 @@ def sparsegpt_prune(
             if bool(torch.isfinite(w).all()):
                 w[:, dead] = 0.0
                 w.masked_fill_(~mask, 0.0)
-                return SparseGPTResult(weight=w, mask=mask, damp=damp, percdamp=rel, retries=retries, error=error)
+                return SparseGPTResult(
+                    weight=w, mask=mask, damp=damp, percdamp=rel, retries=retries, error=error
+                )
     raise torch.linalg.LinAlgError(
         f"SparseGPT failed on a [{d_out}, {d_in}] weight: no Cholesky factorisation with finite results up to "
         f"percdamp={rel:g} ({max_retries} retries); raise percdamp or max_retries, or check the calibration inputs"

@@ -29,7 +29,15 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .config import StatPruneConfig
-from .engine import BlockInputs, CalibrationBatch, PruneReport, capture_block_inputs, prune_blocks
+from .engine import (
+    BlockInputs,
+    CalibrationBatch,
+    PruneReport,
+    _hidden_size,
+    capture_block_inputs,
+    choose_placement,
+    prune_blocks,
+)
 from .io import atomic_write_text
 from .manifest import build_manifest, tensor_sha256, write_manifest
 from .models import find_blocks, find_targets
@@ -234,6 +242,7 @@ def prune_checkpoint(
     overwrite: bool = False,
     progress: bool = True,
     trust_remote_code: bool = False,
+    activations: str = "auto",
 ) -> PruneReport:
     """Prune the safetensors checkpoint in ``source`` into ``output_dir``, one block at a time."""
     output = Path(output_dir)
@@ -259,7 +268,9 @@ def prune_checkpoint(
 
     outside = _load_outside(model, blocks_path, reader, device, dtype)
     if config.needs_activations:
-        inputs = capture_block_inputs(model, blocks_path, block_list, batches, device)
+        dt = dtype or model.get_input_embeddings().weight.dtype
+        on_host = choose_placement(activations, batches, _hidden_size(model), dt, device)
+        inputs = capture_block_inputs(model, blocks_path, block_list, batches, device, on_host)
     else:
         inputs = BlockInputs([], False, [], [], [])
     writer = ShardWriter(partial, total, state)
