@@ -12,12 +12,12 @@ from typing import Any
 CONFIG_NAME = "statprune_config.json"
 SCHEMA_VERSION = 1
 
-METHODS = ("magnitude", "wanda", "ria", "cvr", "statprune")
+METHODS = ("magnitude", "wanda", "ria", "cvr", "statprune", "sparsegpt")
 GROUPS = ("row", "layer")
 WEIGHT_STAT_AXES = ("column", "row")
 COMPENSATIONS = ("none", "ec", "ec-activation", "lsq", "bias")
 EC_STEPS = ("column", "row", "column,row", "row,column")
-ACTIVATION_METHODS = ("wanda", "ria", "cvr", "statprune")
+ACTIVATION_METHODS = ("wanda", "ria", "cvr", "statprune", "sparsegpt")
 
 _PATTERN_RE = re.compile(r"^(\d+):(\d+)$")
 
@@ -55,6 +55,13 @@ class StatPruneConfig:
     ec_clamp: tuple[float, float] = (1.0, 2.0)
     add_bias: bool = False
     sample_tokens: int = 2048
+    # SparseGPT: OBS updates over column blocks, dampening relative to mean(diag(H))
+    sparsegpt_blocksize: int = 128
+    sparsegpt_damp: float = 0.01
+    # OWL: per-block sparsity from the share of outlier Wanda scores (> owl_threshold x mean)
+    owl: bool = False
+    owl_threshold: float = 5.0
+    owl_lambda: float = 0.08
     nsamples: int = 128
     seqlen: int = 2048
     seed: int = 0
@@ -114,7 +121,23 @@ class StatPruneConfig:
             and 0 < self.ec_clamp[0] <= self.ec_clamp[1]
         ):
             _fail("ec_clamp", self.ec_clamp, "use a pair (low, high) with 0 < low <= high, e.g. (1.0, 2.0)")
-        for name in ("sample_tokens", "nsamples", "seqlen", "batch_size"):
+        if self.method == "sparsegpt" and self.compensation not in (None, "none"):
+            _fail("compensation", self.compensation, "sparsegpt updates the surviving weights itself; use 'none'")
+        if isinstance(self.sparsegpt_damp, bool) or not isinstance(self.sparsegpt_damp, (int, float)) or not 0 < self.sparsegpt_damp < 1:
+            _fail("sparsegpt_damp", self.sparsegpt_damp, "use a fraction of mean(diag(H)) in (0, 1), e.g. 0.01")
+        if not isinstance(self.owl, bool):
+            _fail("owl", self.owl, "use true or false")
+        if self.owl and self.pattern != "unstructured":
+            _fail("owl", self.owl, "OWL allocates unstructured sparsity per block; use pattern='unstructured'")
+        if isinstance(self.owl_threshold, bool) or not isinstance(self.owl_threshold, (int, float)) or not self.owl_threshold > 0:
+            _fail("owl_threshold", self.owl_threshold, "use a positive multiple of the mean score, e.g. 5")
+        if (
+            isinstance(self.owl_lambda, bool)
+            or not isinstance(self.owl_lambda, (int, float))
+            or not 0 <= self.owl_lambda < min(self.sparsity, 1 - self.sparsity)
+        ):
+            _fail("owl_lambda", self.owl_lambda, "use a spread in [0, min(sparsity, 1 - sparsity)), e.g. 0.08")
+        for name in ("sample_tokens", "nsamples", "seqlen", "batch_size", "sparsegpt_blocksize"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 _fail(name, v, "use a positive integer")

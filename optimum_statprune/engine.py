@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -23,7 +24,9 @@ from .compensation import compensate
 from .config import StatPruneConfig
 from .masks import make_mask
 from .models import Target, find_blocks, find_targets, text_config
-from .scores import layer_scores
+from .owl import OWLAllocation, outlier_ratio, owl_allocate
+from .scores import layer_scores, wanda_score
+from .sparsegpt import HessianAccumulator, sparsegpt_prune
 from .stats import ChannelStats
 
 logger = logging.getLogger(__name__)
@@ -55,9 +58,17 @@ class BlockInputs:
 class BlockStore(Protocol):
     """Where block ``i``'s weights come from and go back to."""
 
-    def load(self, index: int, device: torch.device) -> nn.Module: ...
+    def load(self, index: int, device: torch.device, original: bool = False) -> nn.Module:
+        """Block ``index`` on ``device``; ``original`` asks for the unpruned weights."""
+        ...
 
-    def store(self, index: int, block: nn.Module) -> None: ...
+    def store(self, index: int, block: nn.Module) -> None:
+        """Keep the pruned block and release it from the compute device."""
+        ...
+
+    def release(self, index: int, block: nn.Module) -> None:
+        """Release a block that was only read."""
+        ...
 
 
 class ModelBlockStore:
@@ -67,13 +78,15 @@ class ModelBlockStore:
         self.blocks = blocks
         self._home: dict[int, torch.device] = {}
 
-    def load(self, index: int, device: torch.device) -> nn.Module:
+    def load(self, index: int, device: torch.device, original: bool = False) -> nn.Module:
         block = self.blocks[index]
         self._home[index] = next(block.parameters()).device
         return block.to(device)
 
     def store(self, index: int, block: nn.Module) -> None:
         block.to(self._home.pop(index))
+
+    release = store
 
 
 # ---------------------------------------------------------------------------------------------- capture
@@ -178,24 +191,44 @@ def capture_block_inputs(
 
 # ---------------------------------------------------------------------------------------------- observe
 class Observer:
-    """Forward hooks that feed each target's ``ChannelStats`` with the target's inputs."""
+    """Forward hooks that feed each target's accumulator with the target's inputs.
 
-    def __init__(self, targets: list[Target], config: StatPruneConfig, device: torch.device, block_index: int):
+    The accumulator is ``ChannelStats`` (first-order methods) or ``HessianAccumulator`` (SparseGPT).
+    Targets that read the very same input tensor (q/k/v, gate/up) share one accumulator, found on the
+    first micro-batch, so their statistics are computed once."""
+
+    def __init__(
+        self, targets: list[Target], config: StatPruneConfig, device: torch.device, block_index: int, kind: str = "stats"
+    ):
         self.targets = targets
-        self.stats: dict[str, ChannelStats] = {}
+        self.stats: dict[str, Any] = {}
         self.token_mask: torch.Tensor | None = None
-        sample = config.sample_tokens if _needs_sample(config) else 0
-        for t in targets:
-            # Distinct seeds per layer so different layers do not keep the same token positions.
-            self.stats[t.name] = ChannelStats(t.in_features, sample, seed=config.seed + 7919 * block_index, device=device)
+        self.device = device
+        self.kind = kind
+        self.sample = config.sample_tokens if kind == "stats" and _needs_sample(config) else 0
+        # Distinct seeds per block so different layers do not keep the same token positions.
+        self.seed = config.seed + 7919 * block_index
+        self._followers: set[str] = set()
+        self._batch_inputs: dict[int, tuple[weakref.ref, str]] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._stop_after: set[int] | None = None
         self._seen: set[int] = set()
+
+    def _accumulator(self, name: str, dim: int):
+        acc = self.stats.get(name)
+        if acc is None:
+            if self.kind == "hessian":
+                acc = HessianAccumulator(dim, device=self.device)
+            else:
+                acc = ChannelStats(dim, self.sample, seed=self.seed, device=self.device)
+            self.stats[name] = acc
+        return acc
 
     def begin_batch(self, token_mask: torch.Tensor | None) -> None:
         """Set the padding mask of the micro-batch about to run; early stopping starts afresh."""
         self.token_mask = token_mask
         self._seen = set()
+        self._batch_inputs = {}
 
     def _masked(self, x: torch.Tensor) -> torch.Tensor | None:
         m = self.token_mask
@@ -230,9 +263,18 @@ class Observer:
                 raise _Stop
 
     def _linear_hook(self, key: int, target: Target) -> Callable:
+        name = target.name
+
         def hook(module, args, kwargs):
             x = args[0] if args else kwargs["input"]
-            self.stats[target.name].update(x.detach(), self._masked(x))
+            if name not in self._followers:
+                seen = self._batch_inputs.get(id(x))
+                if name not in self.stats and seen is not None and seen[0]() is x:
+                    self.stats[name] = self.stats[seen[1]]  # same tensor as an earlier target: share
+                    self._followers.add(name)
+                else:
+                    self._accumulator(name, target.in_features).update(x.detach(), self._masked(x))
+                    self._batch_inputs[id(x)] = (weakref.ref(x), name)
             self._done(key)
 
         return hook
@@ -255,11 +297,11 @@ class Observer:
                 if x.shape[0] == 0:
                     continue
                 if "gate_up_proj" in ts:
-                    self.stats[ts["gate_up_proj"].name].update(x)
+                    self._accumulator(ts["gate_up_proj"].name, x.shape[-1]).update(x)
                 if "down_proj" in ts:
                     gate_up = Target("", module, "expert", "gate_up_proj", e).weight()
                     h = module._apply_gate(nn.functional.linear(x, gate_up))
-                    self.stats[ts["down_proj"].name].update(h)
+                    self._accumulator(ts["down_proj"].name, h.shape[-1]).update(h)
             self._done(key)
 
         return hook
@@ -269,41 +311,52 @@ def _needs_sample(config: StatPruneConfig) -> bool:
     return config.resolved_compensation() != "none"
 
 
+def _accumulator_kind(config: StatPruneConfig) -> str:
+    return "hessian" if config.method == "sparsegpt" else "stats"
+
+
 # ---------------------------------------------------------------------------------------------- prune
 @torch.no_grad()
-def prune_target(target: Target, stats: ChannelStats | None, config: StatPruneConfig) -> dict[str, Any]:
-    """Score, mask and compensate one weight in place; return its manifest record."""
+def prune_target(target: Target, stats: Any, config: StatPruneConfig, sparsity: float | None = None) -> dict[str, Any]:
+    """Score, mask and compensate one weight in place (or run SparseGPT on it); return its manifest
+    record. ``stats`` is the target's accumulator (None for magnitude); ``sparsity`` overrides the
+    config's (OWL)."""
     w0 = target.weight().detach().to(torch.float32)
+    sparsity = config.sparsity if sparsity is None else sparsity
     method = config.method
     record: dict[str, Any] = {"name": target.name, "shape": list(w0.shape), "method": method}
-    if stats is not None and stats.count == 0:
+    if config.needs_activations and (stats is None or stats.count == 0):
         # An expert no calibration token was routed to: nothing to calibrate with.
         method, stats = "magnitude", None
         record["fallback"] = "magnitude: no calibration tokens reached this weight"
-    scores = layer_scores(method, w0, stats, config)
-    mask = make_mask(scores, config.sparsity, config.pattern, config.group)
-    kind = config.resolved_compensation() if stats is not None else "none"
-    if kind == "bias" and target.bias is None and not config.add_bias:
-        kind = "none"
-    result = compensate(
-        w0,
-        mask,
-        kind,
-        stats,
-        has_bias=target.bias is not None,
-        add_bias=config.add_bias,
-        ec_steps=config.ec_steps,
-        ec_centered=config.ec_centered,
-        ec_clamp=config.ec_clamp,
-        safety_check=config.resolved_safety_check(),
-    )
-    target.set_weight(result.weight)
-    if result.bias_delta is not None:
-        _shift_bias(target, result.bias_delta)
-    record["pattern"] = config.pattern
     record["tokens"] = stats.count if stats is not None else 0
+    if method == "sparsegpt":
+        result = sparsegpt_prune(
+            w0, stats.hessian(), sparsity, config.pattern, blocksize=config.sparsegpt_blocksize,
+            percdamp=config.sparsegpt_damp, group=config.group,
+        )
+        target.set_weight(result.weight)
+        mask = result.mask
+        record["sparsegpt"] = {"percdamp": result.percdamp, "retries": result.retries, "error": result.error}
+        if result.retries:
+            logger.warning("%s: Cholesky needed %d retries (dampening %.3g)", target.name, result.retries, result.percdamp)
+        record["compensation"] = {"kind": "none", "applied": False}
+    else:
+        mask = make_mask(layer_scores(method, w0, stats, config), sparsity, config.pattern, config.group)
+        kind = config.resolved_compensation() if stats is not None else "none"
+        if kind == "bias" and target.bias is None and not config.add_bias:
+            kind = "none"
+        result = compensate(
+            w0, mask, kind, stats,
+            has_bias=target.bias is not None, add_bias=config.add_bias, ec_steps=config.ec_steps,
+            ec_centered=config.ec_centered, ec_clamp=config.ec_clamp, safety_check=config.resolved_safety_check(),
+        )
+        target.set_weight(result.weight)
+        if result.bias_delta is not None:
+            _shift_bias(target, result.bias_delta)
+        record["compensation"] = result.record
+    record["pattern"] = config.pattern
     record["sparsity"] = 1.0 - float(mask.sum()) / mask.numel()
-    record["compensation"] = result.record
     return record
 
 
@@ -319,6 +372,7 @@ def _shift_bias(target: Target, delta: torch.Tensor) -> None:
 @dataclass
 class PruneReport:
     layers: list[dict[str, Any]] = field(default_factory=list)
+    owl: dict[str, Any] | None = None
     block_seconds: list[float] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -371,20 +425,45 @@ def _input_groups(block, inputs, i, hidden, targets: list[Target]) -> list[list[
     return list(groups.values())
 
 
-def _prune_block(block, inputs, i, hidden, blocks_path, config, device) -> list[dict[str, Any]]:
+def _prune_block(block, inputs, i, hidden, blocks_path, config, device, sparsities=None) -> list[dict[str, Any]]:
     targets = find_targets(block, f"{blocks_path}.{i}", config.targets, config.ignore)
+    level = dict(zip((t.name for t in targets), sparsities, strict=True)) if sparsities is not None else {}
     if not config.needs_activations:
-        return [prune_target(t, None, config) for t in targets]
-    observer = Observer(targets, config, device, i)
+        return [prune_target(t, None, config, level.get(t.name)) for t in targets]
+    observer = Observer(targets, config, device, i, _accumulator_kind(config))
     records = []
-    if config.sequential:
-        for group in _input_groups(block, inputs, i, hidden, targets):
-            _observe(block, inputs, i, hidden, observer, group, stop=True)
-            records += [prune_target(t, observer.stats.pop(t.name), config) for t in group]
-    else:
-        _observe(block, inputs, i, hidden, observer)
-        records += [prune_target(t, observer.stats.pop(t.name), config) for t in targets]
+    groups = _input_groups(block, inputs, i, hidden, targets) if config.sequential else [targets]
+    for group in groups:
+        _observe(block, inputs, i, hidden, observer, group, stop=config.sequential)
+        records += [prune_target(t, observer.stats.pop(t.name, None), config, level.get(t.name)) for t in group]
     return records
+
+
+def owl_allocation(store, n_blocks, blocks_path, inputs, config, device, progress=True) -> OWLAllocation:
+    """OWL's dense pre-pass: each block's share of outlier Wanda scores on the dense model, then per-linear
+    sparsities whose total equals uniform pruning at ``config.sparsity``."""
+    hidden = inputs.hidden
+    ratios, shapes = [], []
+    for i in tqdm(range(n_blocks), desc="OWL outlier scan", disable=not progress, unit="block"):
+        block = store.load(i, device, original=True)
+        targets = find_targets(block, f"{blocks_path}.{i}", config.targets, config.ignore)
+        observer = Observer(targets, config, device, i, "stats")
+        observer.sample = 0
+        observer.attach()
+        outputs = []
+        try:
+            for b, h in enumerate(hidden):
+                observer.begin_batch(inputs.token_masks[b])
+                out = _call_block(block, inputs, i, b, h)
+                outputs.append(_to_host(out) if inputs.on_host else out)
+        finally:
+            observer.detach()
+        scores = [wanda_score(t.weight(), observer.stats[t.name]) for t in targets if observer.stats.get(t.name)]
+        ratios.append(outlier_ratio(scores, config.owl_threshold) if scores else 0.0)
+        shapes.append([tuple(t.weight().shape) for t in targets])
+        hidden = outputs
+        store.release(i, block)
+    return owl_allocate(ratios, shapes, config.sparsity, config.owl_lambda, config.group)
 
 
 @torch.no_grad()
@@ -405,13 +484,19 @@ def prune_blocks(
     inputs. ``on_block_pruned(i, records)`` is called before block ``i`` is stored."""
     report = PruneReport()
     start = time.perf_counter()
+    allocation = None
+    if config.owl:
+        allocation = owl_allocation(store, n_blocks, blocks_path, inputs, config, device, progress)
+        report.owl = {"ratios": allocation.ratios, "block_sparsity": allocation.block_sparsity,
+                      "pruned": allocation.pruned, "total": allocation.total}
     hidden = inputs.hidden
     bar = tqdm(range(n_blocks), desc="pruning blocks", disable=not progress, unit="block")
     for i in bar:
         t0 = time.perf_counter()
         block = store.load(i, device)
         if i not in skip:
-            records = _prune_block(block, inputs, i, hidden, blocks_path, config, device)
+            sparsities = allocation.sparsity[i] if allocation is not None else None
+            records = _prune_block(block, inputs, i, hidden, blocks_path, config, device, sparsities)
             report.layers.extend(records)
             if on_block_pruned is not None:
                 on_block_pruned(i, records)

@@ -56,6 +56,7 @@ def build_manifest(
     calibration: dict[str, Any] | None,
     model_info: dict[str, Any],
     seconds: float | None = None,
+    owl: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     total = sum(_numel(rec["shape"]) for rec in layers)
     pruned = sum(rec["sparsity"] * _numel(rec["shape"]) for rec in layers)
@@ -68,6 +69,7 @@ def build_manifest(
         "calibration": calibration,
         "pruning_seconds": seconds,
         "summary": {"layers": len(layers), "weights": total, "sparsity": pruned / total if total else 0.0},
+        "owl": owl,
         "layers": layers,
     }
 

@@ -25,17 +25,18 @@ its sparsity crosses the breakpoints of its different input widths. So the promi
 That equals ``floor(target * total)`` whenever ``target * d_in`` (``target * numel``) is an integer for
 every linear, e.g. 50% of even widths. OWL then only *redistributes* pruning, so OWL and uniform runs
 are compared at identical sparsity. It is realised by giving each linear its own integer count, a
-rounding of ``s_b * d_in`` (less than two weights per row away from it, usually less than one,
-unless clamping to ``[0, d_in]`` or inconsistent inputs force more), chosen by an apportionment that keeps the total of
-every group of interchangeable units (same weight per count step: same ``d_out`` for rows, any linear
-for layers) equal to its uniform total. ``count_sparsity`` turns a count back into the float to pass
-to ``masks.make_mask``, verified against ``masks.prune_count``.
+rounding of ``s_b * d_in`` (less than two weights per row away from it, usually less than one, unless
+clamping to ``[0, d_in]`` or inconsistent inputs force more), chosen by an apportionment that keeps
+the total of every group of interchangeable units (same weight per count step: same ``d_out`` for
+rows, any linear for layers) equal to its uniform total. ``count_sparsity`` turns a count back into
+the float to pass to ``masks.make_mask``, verified against ``masks.prune_count``.
 """
 
 from __future__ import annotations
 
 import heapq
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -51,12 +52,12 @@ Shape = tuple[int, int]  # (d_out, d_in) of one prunable linear
 
 
 def _check_target(target: float) -> None:
-    if not (isinstance(target, (int, float)) and math.isfinite(target) and _EDGE <= target <= 1 - _EDGE):
+    if not (isinstance(target, numbers.Real) and math.isfinite(target) and _EDGE <= target <= 1 - _EDGE):
         raise ValueError(f"OWL target sparsity must lie in [{_EDGE}, {1 - _EDGE}], got {target!r}")
 
 
 def _check_lam(lam: float) -> None:
-    if not (isinstance(lam, (int, float)) and math.isfinite(lam) and 0 <= lam < 1):
+    if not (isinstance(lam, numbers.Real) and math.isfinite(lam) and 0 <= lam < 1):
         raise ValueError(
             f"OWL lambda (the sparsity spread around the target) must lie in [0, 1), got {lam!r}"
         )
@@ -73,7 +74,7 @@ def outlier_ratio(scores: torch.Tensor | Sequence[torch.Tensor], M: float) -> fl
     then taken over all their entries together, as the reference does by concatenating the block's
     scores, without building the concatenation. A fraction in [0, 1], not the reference's percent;
     only the relative values matter to ``owl_sparsities``."""
-    if not (isinstance(M, (int, float)) and math.isfinite(M) and M > 0):
+    if not (isinstance(M, numbers.Real) and math.isfinite(M) and M > 0):
         raise ValueError(
             f"OWL outlier threshold M must be a positive finite multiple of the mean score, got {M!r}"
         )

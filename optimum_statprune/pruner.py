@@ -230,7 +230,7 @@ class StatPruner(OptimumQuantizer):
             "architecture": type(self.model).__name__,
             "dtype": str(self.model.dtype).replace("torch.", ""),
         }
-        return build_manifest(self.config.resolved(), layers, self.calibration_info, info, self.report.seconds)
+        return build_manifest(self.config.resolved(), layers, self.calibration_info, info, self.report.seconds, self.report.owl)
 
     def save_pretrained(self, save_dir: str | Path, overwrite: bool = False, max_shard_size: str = "5GB") -> str:
         """Write safetensors shards, ``config.json``, tokenizer, ``statprune_config.json`` and

@@ -12,18 +12,28 @@ Two pieces of pure tensor math, apart from any model plumbing:
 Where this differs from the reference, on purpose:
 
 - **Exact counts.** The reference picks an unstructured mask per block by one threshold over the whole
-  block (``<=`` the ``int(numel * s)``-th score), so rows end with different counts and ties can prune
-  more than asked. This engine promises exactly ``floor(s * d_in)`` pruned weights in every row
-  (``group="row"``) or ``floor(s * numel)`` in the layer (``group="layer"``). We keep the reference's
-  spirit (the mask of a block is chosen from the weights as updated by all earlier blocks) and make it
-  exact by *look-ahead allocation*: at the start of each block, each row (or the whole layer) ranks the
-  saliencies of all of its not-yet-processed columns and spends its remaining budget on the lowest ones;
-  only the picks that fall inside the current block are committed. Picks beyond the block are just an
-  estimate and are re-ranked at the next block with the updated weights. The remaining budget never
-  exceeds the number of remaining columns, so the last block spends it exactly; counts are exact by
-  construction, and a block's share of the budget follows the saliencies instead of a fixed fraction.
-  ``allocation="even"`` instead gives block ``[i1, i2)`` of every row ``floor(s*i2) - floor(s*i1)``
-  prunes (exact too, by telescoping), closest to the reference's fixed per-block fraction.
+  block (``<=`` its ``int(numel * s)``-th score, which prunes one more than ``int(numel * s)``, more on
+  ties), so rows end with different counts. This engine promises exactly ``floor(s * d_in)`` pruned
+  weights in every row (``group="row"``) or ``floor(s * numel)`` in the layer (``group="layer"``). Two
+  exact allocations of that budget over the column blocks, both choosing a block's mask at the start of
+  the block from the weights as updated by all earlier blocks, as the reference does:
+
+  ``allocation="even"`` (default, the faithful baseline): block ``[i1, i2)`` prunes
+  ``floor(s*i2) - floor(s*i1)`` weights of every row (``group="row"``) or that many times ``d_out`` over
+  the block (``group="layer"``), the lowest saliencies. These shares telescope to the exact total. With
+  ``group="layer"`` this is the reference's per-block fraction made exact; with ``group="row"`` each row
+  additionally gets its own exact share of every block (a small extra constraint: +3% output error in
+  our synthetic measurements).
+
+  ``allocation="lookahead"``: at the start of each block, each row (or the layer) ranks the saliencies of
+  *all* its not-yet-processed columns and spends its remaining budget on the lowest ones; only the picks
+  inside the current block are committed, the rest are re-ranked at the next block with the updated
+  weights. The remaining budget never exceeds the remaining columns, so the last block spends it
+  exactly. Later columns have smaller ``[H^-1]_jj`` (fewer columns are left to compensate for them),
+  so this prunes early blocks more (about 64% down to 36% per block at 50% overall); it lowered the
+  layer's output error by 12-15% against "even" and the reference on correlated synthetic inputs, in
+  and out of sample, at the cost of one sort of the remaining columns per block. It is not the
+  published algorithm; measure it end to end before making it a default.
 - **N:M.** ``pattern="N:M"`` keeps ``N`` of every ``M`` consecutive inputs (the reference's ``prunen`` is
   the number *pruned*). As in the reference, each group is chosen when the sweep reaches its first
   column, from the weights updated so far.
@@ -122,8 +132,9 @@ class SparseGPTResult:
     retries: int
     """How many times the dampening had to be raised tenfold."""
     error: float
-    """The OBS loss: ``sum over pruned (and updated) weights of (w - q)^2 / (2 [H^-1]_qq)``, i.e. the
-    second-order estimate of the increase in ``1/2 * (dW) H (dW)^T`` summed over rows."""
+    """The OBS loss, summed over the pruning steps: ``sum of w_q^2 / (2 [H_F^-1]_qq)``. It equals
+    ``1/2 * sum over rows of dw (H + damp I) dw^T`` for the total change ``dw`` of each row, i.e. with
+    ``H = 2/n X^T X`` the output error ``1/n ||(W - W') X||^2`` plus ``damp/2 * ||W - W'||^2``."""
 
 
 def _parse_pattern(pattern: str) -> tuple[int, int] | None:
@@ -217,7 +228,6 @@ def _sweep(
             err = torch.where(drop, col, torch.zeros_like(col)) / d
             losses += err.square() / 2
             w1[:, i:] -= err.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
-            w1[:, i].masked_fill_(drop, 0.0)
             err1[:, i] = err
         w[:, i1:i2] = w1
         if i2 < d_in:
@@ -247,7 +257,7 @@ def sparsegpt_prune(
     budget is spread over column blocks (see the module docstring).
 
     Raises ``torch.linalg.LinAlgError`` if no dampening up to ``percdamp * 10**max_retries`` yields a
-    finite result, and ``ValueError`` on invalid arguments or a non-finite ``H``.
+    finite result, and ``ValueError`` on invalid arguments or a non-finite ``H`` or weight.
     """
     if weight.dim() != 2:
         raise ValueError(f"expected a 2-D weight [d_out, d_in], got shape {tuple(weight.shape)}")
@@ -283,6 +293,8 @@ def sparsegpt_prune(
     h = H.detach().to(device=w0.device, dtype=torch.float32).clone()
     if not bool(torch.isfinite(h).all()):
         raise ValueError("H has non-finite entries (NaN or inf inputs reached this layer)")
+    if not bool(torch.isfinite(w0).all()):
+        raise ValueError("the weight has non-finite entries; no dampening can repair that")
     dead = h.diagonal() == 0
     h.diagonal()[dead] = 1.0
     w0[:, dead] = 0.0

@@ -168,10 +168,10 @@ class StreamingBlockStore:
         prefix = f"{self.blocks_path}.{index}."
         return [k for k in self.reader.tensor_names() if k.startswith(prefix)]
 
-    def load(self, index: int, device: torch.device) -> nn.Module:
+    def load(self, index: int, device: torch.device, original: bool = False) -> nn.Module:
         block = self.blocks[index]
         prefix = f"{self.blocks_path}.{index}."
-        if index in self.done:
+        if index in self.done and not original:
             shard = self.partial / self.writer.state["blocks"][str(index)]["shard"]
             with safe_open(shard, framework="pt", device=str(device)) as f:
                 tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
@@ -198,6 +198,9 @@ class StreamingBlockStore:
             targets = find_targets(block, prefix[:-1], self.config.targets, self.config.ignore)
             hashed = {t.name: (t.state_key, t.expert) for t in targets}
             self.writer.submit(index, tensors, hashed, self.pending_records.pop(index, []))
+        block.to("meta")
+
+    def release(self, index: int, block: nn.Module) -> None:
         block.to("meta")
 
 
@@ -302,7 +305,7 @@ def prune_checkpoint(
         tokenizer.save_pretrained(partial)
     config.save_pretrained(partial)
     info = {"name_or_path": str(source), "architecture": type(model).__name__, "dtype": str(dtype or model.config.dtype)}
-    write_manifest(partial, build_manifest(config.resolved(), report.layers, calibration_info, info, report.seconds))
+    write_manifest(partial, build_manifest(config.resolved(), report.layers, calibration_info, info, report.seconds, report.owl))
     (partial / STATE_NAME).unlink()
     if output.exists():
         shutil.rmtree(output)

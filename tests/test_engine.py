@@ -51,7 +51,10 @@ def test_captured_inputs_reproduce_the_models_own_forward(arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("method,pattern", [("wanda", "unstructured"), ("statprune", "2:4"), ("magnitude", "4:8")])
+@pytest.mark.parametrize(
+    "method,pattern",
+    [("wanda", "unstructured"), ("statprune", "2:4"), ("magnitude", "4:8"), ("sparsegpt", "unstructured")],
+)
 def test_every_architecture_prunes_exactly(arch, method, pattern):
     model = build(arch)
     outside = _outside_blocks(model)
@@ -272,3 +275,57 @@ def test_activation_methods_need_calibration():
     pruner = StatPruner.from_pretrained(build("llama"), config=StatPruneConfig(method="wanda"), device="cpu")
     with pytest.raises(ValueError, match="needs calibration"):
         pruner.prune(progress=False)
+
+
+def test_targets_reading_one_tensor_share_one_accumulator():
+    from optimum_statprune.engine import BlockInputs, Observer, _observe
+
+    model = build("llama")
+    path, blocks = find_blocks(model)
+    ids = token_ids(4, 16)
+    inputs = capture_block_inputs(model, path, blocks, list(iter_batches(ids, None, 2)), torch.device("cpu"))
+    assert isinstance(inputs, BlockInputs)
+    targets = find_targets(blocks[0], f"{path}.0")
+    observer = Observer(targets, StatPruneConfig(method="wanda"), torch.device("cpu"), 0)
+    _observe(blocks[0], inputs, 0, inputs.hidden, observer)
+    s = {t.name.split(".")[-1]: observer.stats[t.name] for t in targets}
+    assert s["q_proj"] is s["k_proj"] is s["v_proj"]
+    assert s["gate_proj"] is s["up_proj"]
+    distinct = {id(s[n]) for n in ("q_proj", "o_proj", "gate_proj", "down_proj")}
+    assert len(distinct) == 4
+    assert all(v.count == ids.numel() for v in s.values())
+    # the shared statistics are those of the input itself
+    x = torch.cat(inputs.hidden)
+    normed = blocks[0].input_layernorm(x)
+    torch.testing.assert_close(s["q_proj"].sumsq, normed.double().square().sum((0, 1)), rtol=1e-10, atol=1e-10)
+
+
+def test_owl_redistributes_sparsity_with_the_uniform_total():
+    model = build("llama")
+    config = StatPruneConfig(method="wanda", owl=True, owl_lambda=0.1)
+    pruner = StatPruner.from_pretrained(model, config=config, device="cpu")
+    pruner.prune(token_ids(6, 16), progress=False)
+    owl = pruner.report.owl
+    assert len(owl["ratios"]) == 2 and owl["pruned"] == owl["total"] // 2
+    assert max(owl["block_sparsity"]) > 0.5 > min(owl["block_sparsity"])
+    zeros = sum(int((t.weight() == 0).sum()) for t in _targets(model))
+    assert zeros == owl["pruned"]
+    by_block = {}
+    for rec in pruner.report.layers:
+        by_block.setdefault(rec["name"].split(".")[2], set()).add(round(rec["sparsity"], 2))
+    assert len({frozenset(v) for v in by_block.values()}) == 2  # the two blocks got different levels
+    assert pruner.manifest()["owl"]["block_sparsity"] == owl["block_sparsity"]
+
+
+def test_sparsegpt_lowers_block_output_error_below_wanda():
+    ids = token_ids(16, 32, seed=2)
+    dense = build("llama", seed=4)
+    with torch.no_grad():
+        ref = dense(ids).logits
+    errors = {}
+    for method in ("wanda", "sparsegpt"):
+        model = build("llama", seed=4)
+        StatPruner.from_pretrained(model, config=StatPruneConfig(method=method), device="cpu").prune(ids, progress=False)
+        with torch.no_grad():
+            errors[method] = float((model(ids).logits - ref).square().mean())
+    assert errors["sparsegpt"] < errors["wanda"]

@@ -1,0 +1,192 @@
+"""Speed protocol (DESIGN.md §3): random-weight models with real shapes, pruned shard to shard.
+
+    python benchmarks/speed.py --shapes llama2-7b --methods magnitude,wanda,statprune,sparsegpt \
+        --workdir /tmp/speed --json speed.json [--peer-python python3 --peer-path /tmp/peer]
+
+Each run is a fresh subprocess, so peak host RSS (ru_maxrss) and peak GPU memory
+(torch.cuda.max_memory_allocated) belong to that run alone. End-to-end seconds cover
+load -> calibrate -> prune -> save, measured inside the process after imports. The peer
+(llmcompressor, its own environment) runs on the same checkpoint and the same token ids.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SHAPES = {
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=32, vocab_size=32000),
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
+    # a small shape for trying the script on a CPU
+    "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=4, vocab_size=1000),
+}
+
+
+def write_checkpoint(shape: str, directory: Path, device: str) -> None:
+    """Random fp16 weights (std 0.02, norms 1) written one block per shard, never all in memory."""
+    import torch
+    import transformers as tf
+    from safetensors.torch import save_file
+
+    if (directory / "model.safetensors.index.json").exists():
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    config = tf.LlamaConfig(**SHAPES[shape], max_position_embeddings=4096, torch_dtype="float16")
+    with torch.device("meta"):
+        skeleton = tf.LlamaForCausalLM(config)
+    names = skeleton.state_dict()
+    n = config.num_hidden_layers
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def fill(keys):
+        out = {}
+        for k in keys:
+            shape_ = names[k].shape
+            if len(shape_) == 1:
+                out[k] = torch.ones(shape_, dtype=torch.float16)
+            else:
+                out[k] = (torch.randn(shape_, generator=gen, device=device, dtype=torch.float32) * 0.02).half().cpu()
+        return out
+
+    weight_map = {}
+    groups = [[k for k in names if k.startswith(f"model.layers.{i}.")] for i in range(n)]
+    groups.append([k for k in names if not k.startswith("model.layers.")])
+    for i, keys in enumerate(groups):
+        file = f"model-{i + 1:05d}-of-{n + 1:05d}.safetensors"
+        save_file(fill(keys), directory / file, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(keys, file))
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    config.save_pretrained(directory)
+
+
+def write_tokens(path: Path, vocab: int, nsamples: int, seqlen: int) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(0)
+    save_file({"input_ids": torch.randint(0, vocab, (nsamples, seqlen), generator=gen)}, path)
+
+
+def run_one(args: argparse.Namespace) -> dict:
+    """One pruning run in this process (called in a subprocess by main)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from optimum_statprune import StatPruneConfig, StatPruner
+
+    ids = load_file(args.tokens)["input_ids"]
+    start = time.perf_counter()
+    config = StatPruneConfig(method=args.method, sparsity=args.sparsity, pattern=args.pattern,
+                             nsamples=ids.shape[0], seqlen=ids.shape[1], batch_size=args.batch_size)
+    pruner = StatPruner.from_pretrained(args.model, config=config, device=args.device, dtype=torch.float16)
+    pruner.prune(ids, output_dir=args.output, overwrite=True, progress=False)
+    total = time.perf_counter() - start
+    report = pruner.report
+    blocks = report.block_seconds
+    return {
+        "tool": "optimum-statprune",
+        "method": args.method,
+        "pattern": args.pattern,
+        "end_to_end_s": total,
+        "pruning_s": report.seconds,
+        "block_s_first": blocks[0],
+        "block_s_median": sorted(blocks)[len(blocks) // 2],
+        "block_s_last": blocks[-1],
+        "block_s_max": max(blocks),
+        "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "sparsity": sum(r["sparsity"] * r["shape"][0] * r["shape"][1] for r in report.layers)
+        / sum(r["shape"][0] * r["shape"][1] for r in report.layers),
+    }
+
+
+def _child(cmd: list[str], env: dict | None = None, timeout: int = 1800) -> dict:
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default="llama2-7b")
+    p.add_argument("--methods", default="magnitude,wanda,statprune,sparsegpt")
+    p.add_argument("--pattern", default="unstructured")
+    p.add_argument("--sparsity", type=float, default=0.5)
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--workdir", default="/tmp/statprune-speed")
+    p.add_argument("--json", default=None)
+    p.add_argument("--peer-python", default=None, help="python of the llmcompressor environment")
+    p.add_argument("--peer-path", default=None, help="PYTHONPATH for the peer (e.g. unpacked wheels)")
+    p.add_argument("--peer-methods", default="wanda,sparsegpt")
+    p.add_argument("--run-one", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--model", help=argparse.SUPPRESS)
+    p.add_argument("--tokens", help=argparse.SUPPRESS)
+    p.add_argument("--output", help=argparse.SUPPRESS)
+    p.add_argument("--method", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.run_one:
+        print(json.dumps(run_one(args)))
+        return
+
+    work = Path(args.workdir)
+    rows = []
+    for shape in args.shapes.split(","):
+        model_dir = work / shape
+        t0 = time.perf_counter()
+        write_checkpoint(shape, model_dir, args.device if args.device != "cpu" else "cpu")
+        print(f"[{shape}] checkpoint ready in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+        tokens = work / f"tokens-{args.nsamples}x{args.seqlen}.safetensors"
+        write_tokens(tokens, SHAPES[shape]["vocab_size"], args.nsamples, args.seqlen)
+        for method in args.methods.split(","):
+            cmd = [sys.executable, __file__, "--run-one", "--model", str(model_dir), "--tokens", str(tokens),
+                   "--output", str(work / f"out-{shape}-{method}"), "--method", method, "--pattern", args.pattern,
+                   "--sparsity", str(args.sparsity), "--batch-size", str(args.batch_size), "--device", args.device]
+            row = {"shape": shape, **_child(cmd)}
+            row.setdefault("method", method)
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr)
+        if args.peer_python:
+            env = dict(os.environ)
+            if args.peer_path:
+                env["PYTHONPATH"] = args.peer_path
+            peer = Path(__file__).with_name("peer_llmcompressor.py")
+            for method in args.peer_methods.split(","):
+                cmd = [args.peer_python, str(peer), "--model", str(model_dir), "--method", method, "--sparsity",
+                       str(args.sparsity), "--pattern", args.pattern, "--calibration", str(tokens), "--device",
+                       args.device, "--dtype", "float16", "--output", str(work / f"peer-{shape}-{method}"),
+                       "--json", str(work / f"peer-{shape}-{method}.json")]
+                result = _child(cmd)
+                if "error" not in result and (work / f"peer-{shape}-{method}.json").exists():
+                    result = json.loads((work / f"peer-{shape}-{method}.json").read_text())
+                rows.append({"shape": shape, "tool": "llmcompressor", "method": method, **result})
+                print(json.dumps(rows[-1]), file=sys.stderr)
+
+    cols = ["shape", "tool", "method", "end_to_end_s", "pruning_s", "block_s_first", "block_s_median",
+            "block_s_last", "peak_gpu_gib", "peak_rss_gib", "sparsity"]
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for r in rows:
+        cells = []
+        for c in cols:
+            v = r.get(c, r.get("error", "") if c == "end_to_end_s" else "")
+            cells.append(f"{v:.2f}" if isinstance(v, float) else str(v))
+        print("| " + " | ".join(cells) + " |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
