@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -131,6 +132,7 @@ def main() -> None:
     p.add_argument("--peer-python", default=None, help="python of the llmcompressor environment")
     p.add_argument("--peer-path", default=None, help="PYTHONPATH for the peer (e.g. unpacked wheels)")
     p.add_argument("--peer-methods", default="wanda,sparsegpt")
+    p.add_argument("--keep-outputs", action="store_true", help="keep the pruned checkpoints (disk!)")
     p.add_argument("--run-one", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--tokens", help=argparse.SUPPRESS)
@@ -155,6 +157,8 @@ def main() -> None:
                    "--output", str(work / f"out-{shape}-{method}"), "--method", method, "--pattern", args.pattern,
                    "--sparsity", str(args.sparsity), "--batch-size", str(args.batch_size), "--device", args.device]
             row = {"shape": shape, **_child(cmd)}
+            if not args.keep_outputs:
+                shutil.rmtree(work / f"out-{shape}-{method}", ignore_errors=True)
             row.setdefault("method", method)
             rows.append(row)
             print(json.dumps(row), file=sys.stderr)
@@ -172,6 +176,8 @@ def main() -> None:
                 if "error" not in result and (work / f"peer-{shape}-{method}.json").exists():
                     result = json.loads((work / f"peer-{shape}-{method}.json").read_text())
                 rows.append({"shape": shape, "tool": "llmcompressor", "method": method, **result})
+                if not args.keep_outputs:
+                    shutil.rmtree(work / f"peer-{shape}-{method}", ignore_errors=True)
                 print(json.dumps(rows[-1]), file=sys.stderr)
 
     cols = ["shape", "tool", "method", "end_to_end_s", "pruning_s", "block_s_first", "block_s_median",

@@ -131,11 +131,8 @@ class StatPruneConfig:
             _fail("owl", self.owl, "OWL allocates unstructured sparsity per block; use pattern='unstructured'")
         if isinstance(self.owl_threshold, bool) or not isinstance(self.owl_threshold, (int, float)) or not self.owl_threshold > 0:
             _fail("owl_threshold", self.owl_threshold, "use a positive multiple of the mean score, e.g. 5")
-        if (
-            isinstance(self.owl_lambda, bool)
-            or not isinstance(self.owl_lambda, (int, float))
-            or not 0 <= self.owl_lambda < min(self.sparsity, 1 - self.sparsity)
-        ):
+        limit = min(self.sparsity, 1 - self.sparsity) if self.owl else 1.0
+        if isinstance(self.owl_lambda, bool) or not isinstance(self.owl_lambda, (int, float)) or not 0 <= self.owl_lambda < limit:
             _fail("owl_lambda", self.owl_lambda, "use a spread in [0, min(sparsity, 1 - sparsity)), e.g. 0.08")
         for name in ("sample_tokens", "nsamples", "seqlen", "batch_size", "sparsegpt_blocksize"):
             v = getattr(self, name)

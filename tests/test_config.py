@@ -16,6 +16,17 @@ INF = float("inf")
 
 # (field, bad value). Every field of the dataclass has at least one entry (checked below).
 BAD_VALUES = [
+    ("sparsegpt_blocksize", 0),
+    ("sparsegpt_blocksize", 1.5),
+    ("sparsegpt_damp", 0),
+    ("sparsegpt_damp", 1.0),
+    ("sparsegpt_damp", True),
+    ("owl", "yes"),
+    ("owl", 1),
+    ("owl_threshold", 0),
+    ("owl_threshold", -1.0),
+    ("owl_lambda", -0.1),
+    ("owl_lambda", 1.0),
     ("method", "sparse-gpt"),
     ("method", "Wanda"),
     ("method", ""),
@@ -283,7 +294,13 @@ NON_DEFAULT = {
     "sequential": True,
     "targets": ["q_proj", "k_proj"],
     "ignore": ["layers\\.0\\."],
+    "sparsegpt_blocksize": 64,
+    "sparsegpt_damp": 0.05,
+    "owl_threshold": 7.0,
+    "owl_lambda": 0.2,
 }
+# OWL allocates unstructured sparsity, so it cannot be switched on beside NON_DEFAULT's 4:8 pattern.
+OWL = {"method": "wanda", "owl": True, "owl_threshold": 3.0, "owl_lambda": 0.1}
 
 
 @pytest.mark.parametrize("kwargs", [{}, NON_DEFAULT], ids=["defaults", "non-defaults"])
@@ -314,12 +331,13 @@ def test_non_default_config_differs_in_every_field():
     from dataclasses import fields
 
     default, other = StatPruneConfig(), StatPruneConfig(**NON_DEFAULT)
+    assert StatPruneConfig(**OWL).owl != default.owl
     for f in fields(StatPruneConfig):
-        if f.name != "schema_version":
+        if f.name not in ("schema_version", "owl"):
             assert getattr(default, f.name) != getattr(other, f.name), f.name
 
 
-@pytest.mark.parametrize("kwargs", [{}, NON_DEFAULT], ids=["defaults", "non-defaults"])
+@pytest.mark.parametrize("kwargs", [{}, NON_DEFAULT, OWL], ids=["defaults", "non-defaults", "owl"])
 def test_save_and_from_pretrained_round_trip(tmp_path, kwargs):
     cfg = StatPruneConfig(**kwargs)
     target = tmp_path / "nested" / "dir"  # created on demand
@@ -380,3 +398,13 @@ def test_from_pretrained_rejects_unknown_key_and_other_schema(tmp_path):
     (tmp_path / CONFIG_NAME).write_text(json.dumps(d), encoding="utf-8")
     with pytest.raises(ValueError, match="schema_version"):
         StatPruneConfig.from_pretrained(tmp_path)
+
+
+def test_cross_field_rules():
+    with pytest.raises(ValueError, match="compensation"):
+        StatPruneConfig(method="sparsegpt", compensation="lsq")
+    with pytest.raises(ValueError, match="owl"):
+        StatPruneConfig(method="wanda", owl=True, pattern="2:4")
+    with pytest.raises(ValueError, match="owl_lambda"):
+        StatPruneConfig(method="wanda", owl=True, sparsity=0.1, owl_lambda=0.2)
+    assert StatPruneConfig(sparsity=0.05).owl_lambda == 0.08  # only checked against sparsity when OWL is on
