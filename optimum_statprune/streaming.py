@@ -17,6 +17,7 @@ import queue
 import shutil
 import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -96,25 +97,34 @@ def shard_name(index: int, total: int) -> str:
 
 
 class ShardWriter:
-    """Writes one shard per block from a background thread, hashing the targeted tensors, and records
-    progress in the state file after each shard is durable, so a crash loses at most the blocks in flight."""
+    """Writes one shard per block from background threads, hashing the targeted tensors in parallel, and
+    records each block in the state file once its shard is durable, so a crash loses at most the blocks in
+    flight. At most ``threads + max_pending`` blocks wait in host memory."""
 
-    def __init__(self, partial: Path, total_shards: int, state: dict[str, Any], max_pending: int = 1):
+    def __init__(self, partial: Path, total_shards: int, state: dict[str, Any], threads: int = 1, max_pending: int = 1):
         self.partial = partial
         self.total = total_shards
         self.state = state
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
+        self._lock = threading.Lock()
+        self._hashers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="statprune-hash")
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="statprune-writer", daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._run, name=f"statprune-writer-{i}", daemon=True) for i in range(threads)
+        ]
+        for t in self._threads:
+            t.start()
 
     def submit(self, index: int, tensors: dict[str, torch.Tensor], hashed: dict[str, tuple[str, int | None]], records: list[dict]) -> None:
         self._raise()
         self._queue.put((index, tensors, hashed, records))
 
     def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
+        for _ in self._threads:
+            self._queue.put(None)
+        for t in self._threads:
+            t.join()
+        self._hashers.shutdown()
         self._raise()
 
     def _raise(self) -> None:
@@ -135,17 +145,22 @@ class ShardWriter:
 
     def _write(self, index: int, tensors: dict[str, torch.Tensor], hashed: dict[str, tuple[str, int | None]], records: list[dict]) -> None:
         name = shard_name(index, self.total)
+        digests = {}
         for rec in records:
             key, expert = hashed[rec["name"]]
             t = tensors[key] if expert is None else tensors[key][expert]
-            rec["tensor"], rec["sha256"] = key, tensor_sha256(t)
+            rec["tensor"] = key
+            digests[rec["name"]] = self._hashers.submit(tensor_sha256, t)
         tmp = self.partial / f".{name}.tmp"
         save_file(tensors, tmp, metadata={"format": "pt"})
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, self.partial / name)
-        self.state["blocks"][str(index)] = {"shard": name, "keys": sorted(tensors), "layers": records}
-        atomic_write_text(self.partial / STATE_NAME, json.dumps(self.state, indent=1) + "\n")
+        for rec in records:
+            rec["sha256"] = digests[rec["name"]].result()
+        with self._lock:
+            self.state["blocks"][str(index)] = {"shard": name, "keys": sorted(tensors), "layers": records}
+            atomic_write_text(self.partial / STATE_NAME, json.dumps(self.state, indent=1) + "\n")
 
 
 class StreamingBlockStore:

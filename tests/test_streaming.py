@@ -184,5 +184,5 @@ def test_peak_host_memory_is_bounded_by_a_block(tmp_path):
     small_kib, big_kib = (int(v) for v in proc.stdout.split()[-2:])
     extra_weights_mib = 14 * 32
     growth_mib = (big_kib - small_kib) / 1024
-    assert growth_mib < extra_weights_mib / 4, (growth_mib, extra_weights_mib)
+    assert growth_mib < extra_weights_mib / 3, (growth_mib, extra_weights_mib)
     assert len(_tensors(tmp_path / "big-out")) == n_tensors
