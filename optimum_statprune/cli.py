@@ -320,11 +320,18 @@ def _add_model_arguments(parser: argparse.ArgumentParser, with_model_flag: bool 
     group.add_argument(
         "--device",
         metavar="DEVICE",
-        help="compute device (cuda, cuda:1, cpu; default: cuda if available); pruning moves one block there at a "
-        "time, perplexity the whole model",
+        help="compute device (cuda, cuda:1, cpu; default: cuda if available); "
+        + ("pruning moves one block there at a time, perplexity the whole model" if pruning else "the whole model is moved there"),
     )
     if pruning:
         group.add_argument("--blocks", metavar="PATH", help="dotted path of the decoder block list, for unusual architectures")
+        group.add_argument(
+            "--activations",
+            choices=("auto", "device", "host"),
+            default="auto",
+            help="where calibration hidden states live between blocks: on the compute device, in pinned host "
+            "memory, or auto (by free GPU memory; default)",
+        )
     group.add_argument(
         "--revision", metavar="REV", help="Hub revision (branch, tag or commit) of a Hub model"
     )
@@ -490,10 +497,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _describe_error(exc: BaseException) -> tuple[int, str]:
-    from .data import DataError
-
     if isinstance(exc, CLIError):
         return exc.exit_code, _one_line(exc)
+    data = sys.modules.get(f"{__package__}.data")  # not imported yet: then exc cannot be a DataError
+    DataError = data.DataError if data is not None else ()  # noqa: N806
     if isinstance(exc, ImportError) and isinstance(exc, DataError):  # gensim missing: a package to install
         return 1, _one_line(exc)
     if isinstance(exc, DataError):
@@ -512,12 +519,16 @@ class _Formatter(logging.Formatter):
         return f"{PROG}: {record.levelname.lower()}: {record.getMessage()}"
 
 
+_LIBRARY_SETTINGS: list[tuple[int, bool, list[Callable[[], None]]]] = []
+"""Per running command: (verbose, quiet, undo callbacks) for ``quiet_libraries``."""
+
+
 @contextlib.contextmanager
 def _configure_logging(verbose: int, quiet: bool) -> Iterator[None]:
     """Log the package's messages to stderr for the duration of a command (restored afterwards).
 
-    Warnings always; ``-v`` info; ``-vv`` debug and transformers' own info. ``--quiet`` also hides
-    transformers' progress bars (loading, GGUF conversion)."""
+    Warnings always; ``-v`` info; ``-vv`` debug. transformers and huggingface_hub are only tamed by
+    ``quiet_libraries`` once a command is about to use them, so usage errors never import them."""
     level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
     package_logger = logging.getLogger("optimum_statprune")
     handler = logging.StreamHandler(sys.stderr)
@@ -526,6 +537,25 @@ def _configure_logging(verbose: int, quiet: bool) -> Iterator[None]:
     package_logger.addHandler(handler)
     package_logger.setLevel(level)
     restore: list[Callable[[], None]] = []
+    _LIBRARY_SETTINGS.append((verbose, quiet, restore))
+    try:
+        yield
+    finally:
+        _LIBRARY_SETTINGS.pop()
+        for undo in reversed(restore):
+            undo()
+        package_logger.removeHandler(handler)
+        package_logger.setLevel(old_level)
+
+
+def quiet_libraries() -> None:
+    """transformers' and huggingface_hub's messages at error level unless ``-vv`` (no "Retrying in 1s"
+    lines), and their progress bars off with ``--quiet``; undone when the command ends."""
+    if not _LIBRARY_SETTINGS:
+        return
+    verbose, quiet, restore = _LIBRARY_SETTINGS[-1]
+    if restore:
+        return  # already done for this command
     tf_logging = _transformers_logging()
     if tf_logging is not None:
         old_verbosity = tf_logging.get_verbosity()
@@ -534,13 +564,20 @@ def _configure_logging(verbose: int, quiet: bool) -> Iterator[None]:
         if quiet and tf_logging.is_progress_bar_enabled():
             tf_logging.disable_progress_bar()
             restore.append(tf_logging.enable_progress_bar)
+    hub_logging = _hub_logging()
+    if hub_logging is not None and verbose < 2:
+        old_hub = hub_logging.get_verbosity()
+        hub_logging.set_verbosity(logging.ERROR)
+        restore.append(lambda: hub_logging.set_verbosity(old_hub))
+    restore.append(lambda: None)  # marks "done" even when neither library is installed
+
+
+def _hub_logging():
     try:
-        yield
-    finally:
-        for undo in reversed(restore):
-            undo()
-        package_logger.removeHandler(handler)
-        package_logger.setLevel(old_level)
+        from huggingface_hub.utils import logging as hub_logging
+    except ImportError:  # pragma: no cover - huggingface_hub is a dependency
+        return None
+    return hub_logging
 
 
 def _transformers_logging():
@@ -580,6 +617,23 @@ def check_output_dir(output: str, overwrite: bool, model_path: str | None = None
     if not os.access(parent, os.W_OK):
         raise UsageError(f"--output {output}: {parent} is not writable; choose a directory you can write to")
     return path
+
+
+def check_device(device: str | None) -> None:
+    """A device that cannot work is a usage error now, not a runtime error after loading the model."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise UsageError(f"--device {device}: not a device name ({_one_line(exc)}); use cpu, cuda or cuda:N") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {device}: CUDA is not available here; leave out --device or use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
 
 
 def _check_output_file(path: str | None, flag: str) -> None:
@@ -659,6 +713,7 @@ def load_source(source: str, flag: str, split: str | None = None, text_field: st
         raise UsageError(f"{flag} {source}: no such file; give {PRESETS_HINT}")
     if path.exists() and not os.access(path, os.R_OK):
         raise UsageError(f"{flag} {source}: permission denied; make it readable or choose another source")
+    quiet_libraries()
     try:
         texts = load_texts(source, split=split, text_field=text_field)
     except ImportError:
@@ -686,56 +741,79 @@ def _loading_kwargs(args: argparse.Namespace, ref: ModelRef) -> dict[str, Any]:
     return kwargs
 
 
-def _load_tokenizer(spec: str | None, ref: ModelRef, args: argparse.Namespace) -> Any:
-    if spec is None:
-        return None
+@contextlib.contextmanager
+def _loading(what: str) -> Iterator[None]:
+    """Loading failures (missing files, no network, missing packages) as one-line runtime errors."""
+    try:
+        yield
+    except ImportError as exc:
+        raise CLIError(f"could not load {what}: {_one_line(exc)}") from exc
+    except OSError as exc:
+        raise CLIError(f"could not load {what}: {_one_line(exc)[:400]}") from exc
+
+
+def load_model_config(ref: ModelRef, args: argparse.Namespace) -> Any:
+    """The model's config (cheap: no weights), so a bad model fails before any real work."""
+    from transformers import AutoConfig
+
+    kwargs = {k: v for k, v in _loading_kwargs(args, ref).items() if k in ("gguf_file", "revision")}
+    with _loading(f"the model config of {ref.label}"):
+        try:
+            return AutoConfig.from_pretrained(ref.path, trust_remote_code=False, **kwargs)
+        except ValueError as exc:
+            raise CLIError(f"could not load the model config of {ref.label}: {_one_line(exc)[:400]}") from exc
+
+
+def load_tokenizer(ref: ModelRef, args: argparse.Namespace, required: bool) -> Any:
+    """``--tokenizer`` or the model's own tokenizer; ``None`` (with a note) when not needed and absent."""
     from transformers import AutoTokenizer
 
+    spec = getattr(args, "tokenizer", None)
+    kwargs = {} if spec else {k: v for k, v in _loading_kwargs(args, ref).items() if k in ("gguf_file", "revision")}
     try:
-        return AutoTokenizer.from_pretrained(spec)
-    except (OSError, ValueError) as exc:
-        raise CLIError(f"--tokenizer {spec}: could not load it ({_one_line(exc)[:300]})") from exc
+        return AutoTokenizer.from_pretrained(spec or ref.path, **kwargs)
+    except (OSError, ValueError, ImportError) as exc:
+        where = f"--tokenizer {spec}" if spec else ref.label
+        if required or spec:
+            hint = "" if spec else "; pass --tokenizer PATH_OR_ID"
+            raise CLIError(f"could not load a tokenizer from {where} ({_one_line(exc)[:300]}){hint}") from exc
+        logger.info("no tokenizer loaded from %s (%s)", where, _one_line(exc)[:200])
+        return None
 
 
-def load_pruner(ref: ModelRef, args: argparse.Namespace, config: StatPruneConfig) -> Any:
-    """The model and tokenizer, wrapped in a StatPruner (one-line errors on failure)."""
+def make_pruner(ref: ModelRef, args: argparse.Namespace, config: StatPruneConfig, tokenizer: Any) -> Any:
+    """A StatPruner over ``ref`` (weights are loaded on first use, or streamed by ``prune(output_dir=)``)."""
     from .pruner import StatPruner
 
-    tokenizer = _load_tokenizer(getattr(args, "tokenizer", None), ref, args)
-    logger.info("loading %s%s", ref.label, f" ({ref.gguf_file})" if ref.gguf_file else "")
-    try:
+    logger.info("model %s%s", ref.label, f" ({ref.gguf_file})" if ref.gguf_file else "")
+    with _loading(ref.label):
         return StatPruner.from_pretrained(
             ref.path, config=config, tokenizer=tokenizer, device=args.device, blocks=args.blocks, **_loading_kwargs(args, ref)
         )
-    except ImportError as exc:
-        raise CLIError(f"could not load {ref.label}: {_one_line(exc)}") from exc
-    except OSError as exc:
-        raise CLIError(f"could not load the model {ref.label}: {_one_line(exc)[:400]}") from exc
+
+
+def loaded_model(pruner: Any, ref: ModelRef) -> Any:
+    with _loading(f"the model {ref.label}"):
+        return pruner.model
 
 
 def load_model(ref: ModelRef, args: argparse.Namespace) -> tuple[Any, Any]:
     """A causal LM and its tokenizer, for evaluation."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    kwargs = _loading_kwargs(args, ref)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(ref.path, trust_remote_code=False, **kwargs)
-        tokenizer = _load_tokenizer(args.tokenizer, ref, args)
-        if tokenizer is None:
-            tok_kwargs = {k: kwargs[k] for k in ("gguf_file", "revision") if k in kwargs}
-            tokenizer = AutoTokenizer.from_pretrained(ref.path, **tok_kwargs)
-    except ImportError as exc:
-        raise CLIError(f"could not load {ref.label}: {_one_line(exc)}") from exc
-    except OSError as exc:
-        raise CLIError(f"could not load the model {ref.label}: {_one_line(exc)[:400]}") from exc
+    quiet_libraries()
+    load_model_config(ref, args)
+    tokenizer = load_tokenizer(ref, args, required=True)
+    with _loading(f"the model {ref.label}"):
+        model = AutoModelForCausalLM.from_pretrained(ref.path, trust_remote_code=False, **_loading_kwargs(args, ref))
     model.eval()
     return model, tokenizer
 
 
-def _resolve_seqlen(seqlen: int, model: Any) -> int:
+def _resolve_seqlen(seqlen: int, model_or_config: Any) -> int:
     from .data import resolve_seqlen
 
-    return resolve_seqlen(seqlen, model.config)
+    return resolve_seqlen(seqlen, getattr(model_or_config, "config", model_or_config))
 
 
 def measure_perplexity(model: Any, windows: Any, args: argparse.Namespace, batch_size: int) -> float:
@@ -744,7 +822,7 @@ def measure_perplexity(model: Any, windows: Any, args: argparse.Namespace, batch
 
     from .evaluate import perplexity
 
-    device = getattr(args, "device", None)
+    device = getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else None)
     home = next(model.parameters()).device
     moved = device is not None and torch.device(device) != home
     if moved:
@@ -794,11 +872,12 @@ def _describe_config(config: StatPruneConfig) -> str:
 # ------------------------------------------------------------------------------------------------ prune
 def cmd_prune(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    # Everything that can be checked without the model is checked first.
+    # Everything that can be checked without the model's weights is checked first.
     config = build_config(args)
     _positive(args.eval_windows, "--eval-windows")
     _positive(args.eval_batch_size, "--eval-batch-size")
     _check_output_file(args.json, "--json")
+    check_device(args.device)
     ref = resolve_model(args.model, args.gguf_file)
     output = check_output_dir(args.output, args.overwrite, ref.path if ref.local else None)
     _require_gguf_package(ref)
@@ -808,24 +887,27 @@ def cmd_prune(args: argparse.Namespace) -> int:
     eval_texts = (
         load_source(args.eval, "--eval", split=eval_split(args.eval), text_field=args.text_field) if args.eval else None
     )
+    quiet_libraries()
+    model_config = load_model_config(ref, args)
+    tokenizer = load_tokenizer(ref, args, required=cal_texts is not None or eval_texts is not None)
 
     from .data import calibration_windows, evaluation_windows
 
-    pruner = load_pruner(ref, args, config)
-    model, tokenizer = pruner.model, pruner.tokenizer
-    seqlen = _resolve_seqlen(config.seqlen, model)
+    seqlen = _resolve_seqlen(config.seqlen, model_config)
     if seqlen != config.seqlen:
         config = dataclasses.replace(config, seqlen=seqlen)
-        pruner.config = config
-    if (cal_texts is not None or eval_texts is not None) and tokenizer is None:
-        raise CLIError(f"{ref.label} has no tokenizer; pass --tokenizer PATH_OR_ID")
     cal_ids = calibration_windows(cal_texts, tokenizer, config.nsamples, seqlen, config.seed) if cal_texts else None
     eval_ids = evaluation_windows(eval_texts, tokenizer, seqlen, args.eval_windows) if eval_texts else None
 
-    dense_ppl = measure_perplexity(model, eval_ids, args, args.eval_batch_size) if eval_ids is not None else None
-    pruner.prune(cal_ids, progress=not args.quiet)
-    pruned_ppl = measure_perplexity(model, eval_ids, args, args.eval_batch_size) if eval_ids is not None else None
-    saved = pruner.save_pretrained(output, overwrite=args.overwrite)
+    pruner = make_pruner(ref, args, config, tokenizer)
+    dense_ppl = pruned_ppl = None
+    if eval_ids is not None:  # perplexity needs the model in memory: prune it there, then save
+        model = loaded_model(pruner, ref)
+        dense_ppl = measure_perplexity(model, eval_ids, args, args.eval_batch_size)
+    # Without --eval and with a safetensors source, blocks stream from shard to shard.
+    saved = pruner.prune(cal_ids, output_dir=output, overwrite=args.overwrite, progress=not args.quiet, activations=args.activations)
+    if eval_ids is not None:
+        pruned_ppl = measure_perplexity(pruner.model, eval_ids, args, args.eval_batch_size)
 
     report = pruner.report
     totals = _report_totals(report.layers)
@@ -883,6 +965,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _positive(args.windows, "--windows")
     _positive(args.batch_size, "--batch-size")
     _check_output_file(args.json, "--json")
+    check_device(args.device)
     ref = resolve_model(args.model, args.gguf_file, flag="DIR_OR_MODEL")
     _require_gguf_package(ref)
     texts = load_source(args.data, "--data", split=eval_split(args.data, args.split), text_field=args.text_field)
@@ -983,21 +1066,23 @@ def cmd_compare(args: argparse.Namespace) -> int:
     _check_output_file(args.png, "--png")
     if args.png:
         _require_matplotlib()
+    check_device(args.device)
     ref = resolve_model(args.model, args.gguf_file)
     _require_gguf_package(ref)
     needs_calibration = any(c.needs_activations for c in configs)
     cal_texts = load_source(args.calibration, "--calibration", text_field=args.text_field) if needs_calibration else None
     eval_texts = load_source(args.eval, "--eval", split=eval_split(args.eval), text_field=args.text_field)
 
+    quiet_libraries()
+    model_config = load_model_config(ref, args)
+    tokenizer = load_tokenizer(ref, args, required=True)
+
     from .data import calibration_windows, evaluation_windows
     from .evaluate import sparsity_report
     from .pruner import StatPruner
 
-    pruner = load_pruner(ref, args, base)
-    model, tokenizer = pruner.model, pruner.tokenizer
-    seqlen = _resolve_seqlen(base.seqlen, model)
-    if tokenizer is None:
-        raise CLIError(f"{ref.label} has no tokenizer; pass --tokenizer PATH_OR_ID")
+    seqlen = _resolve_seqlen(base.seqlen, model_config)
+    model = loaded_model(make_pruner(ref, args, base, tokenizer), ref)
     cal_ids = calibration_windows(cal_texts, tokenizer, base.nsamples, seqlen, base.seed) if cal_texts else None
     eval_ids = evaluation_windows(eval_texts, tokenizer, seqlen, args.eval_windows)
 
@@ -1014,7 +1099,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         try:
             run_pruner = StatPruner(model, cfg, tokenizer, args.device, args.blocks)
             t0 = time.perf_counter()
-            run_pruner.prune(cal_ids if cfg.needs_activations else None, progress=not args.quiet)
+            run_pruner.prune(cal_ids if cfg.needs_activations else None, progress=not args.quiet, activations=args.activations)
             row["seconds"] = time.perf_counter() - t0
             row["sparsity"] = sparsity_report(model)["sparsity"]
             row["perplexity"] = measure_perplexity(model, eval_ids, args, args.eval_batch_size)
@@ -1112,7 +1197,7 @@ def write_png(rows: list[dict[str, Any]], path: str, title: str) -> None:
     ax.set_xticks(range(len(methods)), methods)
     ax.set_ylabel("perplexity (lower is better)")
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, title="pattern", title_fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     p = Path(path).expanduser()
     p.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(p, dpi=120)

@@ -325,6 +325,9 @@ def prune_target(target: Target, stats: Any, config: StatPruneConfig, sparsity: 
     sparsity = config.sparsity if sparsity is None else sparsity
     method = config.method
     record: dict[str, Any] = {"name": target.name, "shape": list(w0.shape), "method": method}
+    record["transposed"] = target.transposed
+    if target.expert is not None:
+        record["expert"] = target.expert
     if config.needs_activations and (stats is None or stats.count == 0):
         # An expert no calibration token was routed to: nothing to calibrate with.
         method, stats = "magnitude", None

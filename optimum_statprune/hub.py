@@ -206,29 +206,34 @@ def _fmt(value: Any) -> str:
 
 
 def _reproduce(manifest: dict[str, Any], base: str | None) -> list[str]:
+    from .config import StatPruneConfig
+
     cfg = dict(manifest.get("config") or {})
     cal = manifest.get("calibration") or {}
     model = base or (manifest.get("model") or {}).get("name_or_path") or "BASE_MODEL"
-    flags = [f"--method {cfg.get('method')}", f"--sparsity {cfg.get('sparsity')}", f"--pattern {cfg.get('pattern')}"]
-    if cfg.get("compensation") not in (None, "none"):
-        flags.append(f"--compensation {cfg['compensation']}")
-    for key in ("nsamples", "seqlen", "seed"):
-        if cfg.get(key) is not None:
-            flags.append(f"--{key} {cfg[key]}")
-    from .config import StatPruneConfig
-
     defaults = StatPruneConfig().__dict__
-    always = ("method", "sparsity", "pattern")
+    always = ("method", "sparsity", "pattern", "nsamples", "seqlen", "seed")
     changed = {
         k: v for k, v in cfg.items()
-        if k in always or (k != "schema_version" and k in defaults and v != _jsonable(defaults[k]))
+        if k in defaults and k != "schema_version" and v is not None
+        and (k in always or v != _jsonable(defaults[k]))
     }
+    flags = []
+    for key, value in changed.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else f"--no-{key.replace('_', '-')}")
+        elif isinstance(value, (list, tuple)):
+            flags.append(" ".join([flag, *map(str, value)]) if value else "")
+        else:
+            flags.append(f"{flag} {value}")
     args = ", ".join(f"{k}={v!r}" for k, v in changed.items())
     lines = [
-        "With the command line (calibration: your text file or dataset):",
+        "With the command line (`--calibration`: your text file, dataset directory or a preset such as c4):",
         "",
         "```bash",
-        f"optimum-statprune prune {model} CALIBRATION {' '.join(flags)} --output pruned-model",
+        f"optimum-statprune prune --model {model} --calibration CALIBRATION {' '.join(f for f in flags if f)} "
+        "--output pruned-model",
         "```",
         "",
         "or in Python:",
@@ -237,7 +242,7 @@ def _reproduce(manifest: dict[str, Any], base: str | None) -> list[str]:
         "from optimum_statprune import StatPruneConfig, StatPruner",
         "",
         f'pruner = StatPruner.from_pretrained("{model}", config=StatPruneConfig({args}))',
-        "pruner.prune(calibration)  # same texts or token ids as the original run",
+        "pruner.prune(calibration)  # the same texts or token ids as the original run",
         'pruner.save_pretrained("pruned-model")',
         "```",
     ]
@@ -288,7 +293,8 @@ def push_to_hub(
     """Upload a pruned model saved by ``StatPruner.save_pretrained`` to ``repo_id``; return the commit URL
     (a ``huggingface_hub.CommitInfo``, a ``str`` with ``.oid`` and ``.commit_url``).
 
-    The repo is created if missing (``private`` applies only then). ``README.md`` is written or refreshed
+    The repo is created if missing (``private`` applies only then; otherwise the namespace's default
+    visibility). ``README.md`` is written or refreshed
     from the manifest first. Weight files in the repo that this push does not bring (stale shards of an
     earlier push) are deleted in the same commit. With ``check`` (default) the folder is verified
     against its manifest before anything is sent. Unchanged files are not uploaded again.
@@ -309,7 +315,10 @@ def push_to_hub(
 
         report = verify(folder)
         if not report.ok:
-            raise HubError(f"{folder} does not match its manifest ({report.summary()}); not pushing it")
+            raise HubError(
+                f"{folder} does not match its manifest ({report.summary()}); not pushing it "
+                "(print(optimum_statprune.verify.verify(folder)) lists the problems)"
+            )
     write_model_card(folder, base_model, repo_id)
     api = HfApi(endpoint=endpoint, token=token)
     where = api.endpoint
@@ -317,7 +326,8 @@ def push_to_hub(
     message = commit_message or f"Upload {pattern} pruned model with optimum-statprune"
 
     def create() -> Any:
-        return api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        # private=False leaves the namespace's default visibility (an organization may default to private)
+        return api.create_repo(repo_id, private=True if private else None, exist_ok=True, repo_type="model")
 
     def upload() -> Any:
         return api.upload_folder(
@@ -349,7 +359,7 @@ def download(
             local_dir=local_dir, allow_patterns=allow_patterns,
         )
 
-    return _call(fetch, f"download {repo_id}", repo_id, endpoint or _default_endpoint(), 1, 0.0, revision)
+    return _call(fetch, f"download {repo_id}", repo_id, endpoint or _default_endpoint(), 2, 1.0, revision)
 
 
 def _default_endpoint() -> str:

@@ -74,6 +74,20 @@ def build_manifest(
     }
 
 
+def pruning_config_block(config: dict[str, Any], base_model: str | None) -> dict[str, Any]:
+    """The small record kept in ``config.json`` as ``pruning_config``: enough to tell a pruned checkpoint
+    at a glance, without being a ``quantization_config`` (which would stop Trainer from full fine-tuning)."""
+    return {
+        "library": "optimum-statprune",
+        "version": versions()["optimum-statprune"],
+        "method": config["method"],
+        "sparsity": config["sparsity"] if config["pattern"] == "unstructured" else None,
+        "pattern": config["pattern"],
+        "base_model": base_model,
+        "manifest": MANIFEST_NAME,
+    }
+
+
 def write_manifest(directory: str | os.PathLike, manifest: dict[str, Any]) -> str:
     path = os.path.join(directory, MANIFEST_NAME)
     atomic_write_text(path, json.dumps(manifest, indent=2) + "\n")

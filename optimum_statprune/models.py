@@ -35,7 +35,8 @@ class Target:
     expert: int | None = None
 
     @property
-    def _transposed(self) -> bool:
+    def transposed(self) -> bool:
+        """Whether the stored tensor is ``[d_in, d_out]`` (GPT-2 ``Conv1D``, transposed fused experts)."""
         return self.kind == "conv1d" or (self.kind == "expert" and bool(getattr(self.module, "is_transposed", False)))
 
     def weight(self) -> torch.Tensor:
@@ -43,7 +44,12 @@ class Target:
         w = getattr(self.module, self.param)
         if self.expert is not None:
             w = w[self.expert]
-        return w.T if self._transposed else w
+        return w.T if self.transposed else w
+
+    def stored(self) -> torch.Tensor:
+        """The weight in the layout the checkpoint stores it (``Conv1D`` is ``[d_in, d_out]``)."""
+        w = getattr(self.module, self.param)
+        return w[self.expert] if self.expert is not None else w
 
     def set_weight(self, value: torch.Tensor) -> None:
         """Write ``value`` (``[d_out, d_in]``) back in the module's layout and dtype."""

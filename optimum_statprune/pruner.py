@@ -15,7 +15,14 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from .config import StatPruneConfig
 from .engine import CalibrationBatch, PruneReport, iter_batches, prune_model
-from .manifest import build_manifest, calibration_fingerprint, tensor_sha256, write_manifest
+from .manifest import (
+    MANIFEST_NAME,
+    build_manifest,
+    calibration_fingerprint,
+    pruning_config_block,
+    tensor_sha256,
+    write_manifest,
+)
 from .models import find_blocks, find_targets
 
 logger = logging.getLogger(__name__)
@@ -184,6 +191,7 @@ class StatPruner(OptimumQuantizer):
                 dtype=_dtype(self.loading_kwargs.get("dtype", self.loading_kwargs.get("torch_dtype"))),
                 tokenizer=self.tokenizer, blocks=self.blocks, overwrite=overwrite, progress=progress,
                 trust_remote_code=self.loading_kwargs["trust_remote_code"], activations=activations,
+                base_model=self._base_model(),
             )
             return str(output_dir)
         self.report = prune_model(self.model, batches, self.config, self._device(), self.blocks, progress, activations)
@@ -223,7 +231,7 @@ class StatPruner(OptimumQuantizer):
             rec = dict(rec)
             t = targets[rec["name"]]
             rec["tensor"] = t.state_key if t.state_key in params else None
-            rec["sha256"] = tensor_sha256(t.weight())
+            rec["sha256"] = tensor_sha256(t.stored())
             layers.append(rec)
         info = {
             "name_or_path": getattr(self.model.config, "_name_or_path", None),
@@ -231,6 +239,41 @@ class StatPruner(OptimumQuantizer):
             "dtype": str(self.model.dtype).replace("torch.", ""),
         }
         return build_manifest(self.config.resolved(), layers, self.calibration_info, info, self.report.seconds, self.report.owl)
+
+    def _base_model(self) -> str | None:
+        """The Hub id the model came from, when it came from the Hub."""
+        source = self.source if self.source is not None else getattr(self._model.config, "_name_or_path", None)
+        return _hub_id(source)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        save_dir: str | Path | None = None,
+        private: bool = False,
+        token: str | None = None,
+        commit_message: str | None = None,
+        **kwargs: Any,
+    ) -> str:
+        """Upload the pruned model (saved to ``save_dir``, or a temporary directory when the model is only
+        in memory) with its manifest and a model card; creates the repo if needed."""
+        from .hub import push_to_hub
+
+        if save_dir is None or not Path(save_dir, MANIFEST_NAME).exists():
+            if save_dir is None:
+                with tempfile.TemporaryDirectory() as tmp:
+                    saved = self.save_pretrained(Path(tmp) / "model")
+                    return push_to_hub(saved, repo_id, private=private, token=token, commit_message=commit_message,
+                                       base_model=self._base_model(), **kwargs)
+            self.save_pretrained(save_dir)
+        return push_to_hub(save_dir, repo_id, private=private, token=token, commit_message=commit_message,
+                           base_model=self._base_model(), **kwargs)
+
+    @staticmethod
+    def load_manifest(dir_or_repo_id: str | os.PathLike, revision: str | None = None, token: str | None = None) -> dict[str, Any]:
+        """The ``pruning_manifest.json`` of a local directory or a Hub repo."""
+        from .verify import load_manifest
+
+        return load_manifest(dir_or_repo_id, revision=revision, token=token)
 
     def save_pretrained(self, save_dir: str | Path, overwrite: bool = False, max_shard_size: str = "5GB") -> str:
         """Write safetensors shards, ``config.json``, tokenizer, ``statprune_config.json`` and
@@ -243,6 +286,7 @@ class StatPruner(OptimumQuantizer):
         save_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{save_dir.name}.tmp-", dir=save_dir.parent))
         try:
+            self.model.config.pruning_config = pruning_config_block(manifest["config"], self._base_model())
             self.model.save_pretrained(tmp, max_shard_size=max_shard_size)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(tmp)
@@ -254,6 +298,12 @@ class StatPruner(OptimumQuantizer):
             raise
         logger.info("saved pruned model to %s", save_dir)
         return str(save_dir)
+
+
+def _hub_id(name: Any) -> str | None:
+    from .hub import looks_like_hub_id
+
+    return str(name) if name and not Path(str(name)).exists() and looks_like_hub_id(str(name)) else None
 
 
 def _dtype(value: Any) -> torch.dtype | None:

@@ -40,7 +40,7 @@ from .engine import (
     prune_blocks,
 )
 from .io import atomic_write_text
-from .manifest import build_manifest, tensor_sha256, write_manifest
+from .manifest import build_manifest, pruning_config_block, tensor_sha256, write_manifest
 from .models import find_blocks, find_targets
 
 logger = logging.getLogger(__name__)
@@ -261,6 +261,7 @@ def prune_checkpoint(
     progress: bool = True,
     trust_remote_code: bool = False,
     activations: str = "auto",
+    base_model: str | None = None,
 ) -> PruneReport:
     """Prune the safetensors checkpoint in ``source`` into ``output_dir``, one block at a time."""
     output = Path(output_dir)
@@ -313,6 +314,7 @@ def prune_checkpoint(
     atomic_write_text(partial / INDEX_NAME, json.dumps({"metadata": {"total_size": total_size}, "weight_map": weight_map}, indent=2))
     if dtype is not None:
         model.config.dtype = dtype
+    model.config.pruning_config = pruning_config_block(config.resolved(), base_model)
     model.config.save_pretrained(partial)
     if getattr(model, "generation_config", None) is not None and model.can_generate():
         model.generation_config.save_pretrained(partial)

@@ -4,7 +4,7 @@
 pickle, never the whole model) and checks, for every layer of ``pruning_manifest.json``:
 
 - the tensor exists with the recorded shape;
-- its sha256 (``manifest.tensor_sha256`` of the ``[d_out, d_in]`` weight) matches;
+- its sha256 (``manifest.tensor_sha256`` of the ``[d_out, d_in]`` weight, or of the tensor as stored) matches;
 - it has at least as many exact zeros as the recorded sparsity says (fewer = pruned weights revived);
 - under an N:M pattern, no group of M consecutive inputs holds more than N nonzeros.
 
@@ -119,7 +119,7 @@ def load_manifest(
             repo_id, MANIFEST_NAME, revision=revision, token=token, endpoint=endpoint, cache_dir=cache_dir
         )
 
-    local = _call(fetch, f"read {MANIFEST_NAME} of {repo_id}", repo_id, endpoint or _default_endpoint(), 1, 0.0, revision)
+    local = _call(fetch, f"read {MANIFEST_NAME} of {repo_id}", repo_id, endpoint or _default_endpoint(), 2, 1.0, revision)
     with open(local, encoding="utf-8") as f:
         return _check_schema(json.load(f), f"{repo_id}/{MANIFEST_NAME}")
 
@@ -205,11 +205,15 @@ def _check_layer(
         return
     weight = candidates[0]
     if hashes and rec.get("sha256"):
-        digests = [tensor_sha256(w) for w in candidates]
-        if rec["sha256"] in digests:
-            weight = candidates[digests.index(rec["sha256"])]
-        else:
-            fail("sha256", f"stored tensor hashes to {digests[0][:16]}..., manifest {rec['sha256'][:16]}...")
+        # The hash may be of the [d_out, d_in] weight or of the tensor as stored (they differ for Conv1D).
+        digests: dict[str, torch.Tensor] = {}
+        for w in (*candidates, stored):
+            digests.setdefault(tensor_sha256(w), w)
+        matched = digests.get(rec["sha256"])
+        if matched is None:
+            fail("sha256", f"stored tensor hashes to {next(iter(digests))[:16]}..., manifest {rec['sha256'][:16]}...")
+        elif any(matched is c for c in candidates):
+            weight = matched
     elif hashes:
         report.notes.append(f"{name}: no sha256 in the manifest; sparsity checked only")
     numel = weight.numel()

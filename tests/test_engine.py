@@ -329,3 +329,17 @@ def test_sparsegpt_lowers_block_output_error_below_wanda():
         with torch.no_grad():
             errors[method] = float((model(ids).logits - ref).square().mean())
     assert errors["sparsegpt"] < errors["wanda"]
+
+
+def test_config_json_records_pruning_config_not_quantization_config(tmp_path):
+    model = build("llama")
+    model.config._name_or_path = "someone/tiny-llama"
+    pruner = StatPruner.from_pretrained(model, config=StatPruneConfig(method="wanda", pattern="2:4"), device="cpu")
+    pruner.prune(token_ids(4, 16), progress=False)
+    pruner.save_pretrained(tmp_path / "out")
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert "quantization_config" not in saved
+    block = saved["pruning_config"]
+    assert block["library"] == "optimum-statprune" and block["method"] == "wanda" and block["pattern"] == "2:4"
+    assert block["base_model"] == "someone/tiny-llama" and block["manifest"] == MANIFEST_NAME
+    assert StatPruner.load_manifest(tmp_path / "out")["config"]["method"] == "wanda"
