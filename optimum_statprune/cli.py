@@ -368,6 +368,9 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--output", "-o", required=True, metavar="DIR", help="directory to save the pruned model in")
     out.add_argument("--overwrite", action="store_true", help="replace --output if it exists and is not empty")
     out.add_argument("--json", metavar="FILE", help="also write the run summary as JSON")
+    out.add_argument("--push-to-hub", metavar="REPO", help="upload the result to this Hub repository when done")
+    out.add_argument("--private", action="store_true", help="create the --push-to-hub repository as private")
+    out.add_argument("--hub-token", metavar="TOKEN", help="Hub token (default: HF_TOKEN or the saved login)")
     _add_data_arguments(parser, calibration=True, eval_default=None)
     add_config_arguments(parser)
     _add_common_arguments(parser)
@@ -428,11 +431,36 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(_command="demo", _prog=parser.prog)
 
 
+def add_push_arguments(parser: argparse.ArgumentParser) -> None:
+    _install_one_line_errors(parser)
+    parser.add_argument("directory", metavar="DIR", help="a pruned model saved by optimum-statprune")
+    parser.add_argument("repo_id", metavar="REPO", help="Hub repository, e.g. your-name/model-pruned")
+    parser.add_argument("--private", action="store_true", help="create the repository as private")
+    parser.add_argument("--token", metavar="TOKEN", help="Hub token (default: HF_TOKEN or the saved login)")
+    parser.add_argument("--message", metavar="TEXT", help="commit message")
+    parser.add_argument("--revision", metavar="BRANCH", help="branch to push to (default: main)")
+    parser.add_argument("--no-check", action="store_true", help="upload without verifying the weights against the manifest")
+    _add_common_arguments(parser)
+    parser.set_defaults(_command="push", _prog=parser.prog)
+
+
+def add_verify_arguments(parser: argparse.ArgumentParser) -> None:
+    _install_one_line_errors(parser)
+    parser.add_argument("target", metavar="DIR_OR_REPO", help="a pruned model directory or Hub repository")
+    parser.add_argument("--revision", metavar="REV", help="Hub branch, tag or commit")
+    parser.add_argument("--token", metavar="TOKEN", help="Hub token for private repositories")
+    parser.add_argument("--no-hashes", action="store_true", help="check sparsity and patterns only (e.g. after fine-tuning)")
+    _add_common_arguments(parser)
+    parser.set_defaults(_command="verify", _prog=parser.prog)
+
+
 SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     "prune": ("prune a model and save it with its pruning manifest", add_prune_arguments),
     "eval": ("perplexity and sparsity of a (pruned) model", add_eval_arguments),
     "compare": ("compare methods x patterns on one model: perplexity, sparsity, time", add_compare_arguments),
     "demo": ("offline demo: SmolLM2-135M pruned by half, perplexity before and after", add_demo_arguments),
+    "push": ("upload a pruned model with its manifest and a model card to the Hub", add_push_arguments),
+    "verify": ("check a pruned model's tensors against its manifest (hashes, sparsity, N:M)", add_verify_arguments),
 }
 
 
@@ -569,7 +597,26 @@ def quiet_libraries() -> None:
         old_hub = hub_logging.get_verbosity()
         hub_logging.set_verbosity(logging.ERROR)
         restore.append(lambda: hub_logging.set_verbosity(old_hub))
+    if quiet:
+        _silence_gguf_progress(restore)
     restore.append(lambda: None)  # marks "done" even when neither library is installed
+
+
+def _silence_gguf_progress(restore: list[Callable[[], None]]) -> None:
+    """transformers' GGUF loader draws a plain tqdm bar that its progress-bar switch does not reach."""
+    module = sys.modules.get("transformers.modeling_gguf_pytorch_utils")
+    if module is None:
+        try:
+            import transformers.modeling_gguf_pytorch_utils as module
+        except Exception:  # noqa: BLE001 - gguf missing or another transformers layout: keep the bar
+            return
+    bar = getattr(module, "tqdm", None)
+    if bar is None:
+        return
+    import functools
+
+    module.tqdm = functools.partial(bar, disable=True)
+    restore.append(lambda: setattr(module, "tqdm", bar))
 
 
 def _hub_logging():
@@ -730,10 +777,29 @@ def load_source(source: str, flag: str, split: str | None = None, text_field: st
     return texts
 
 
+def _gguf_dequantize_config() -> Any:
+    """``GgufConfig(dequantize=True)`` on transformers versions that load GGUF through a quantizer.
+
+    Without it those versions keep the model marked as quantized (``save_pretrained`` then refuses
+    it) or, with the ``kernels`` package installed, keep the weights packed where nothing can prune
+    them. Older versions always dequantize and have no ``GgufConfig``: ``None`` then."""
+    try:
+        from transformers.utils.quantization_config import GgufConfig
+    except ImportError:
+        return None
+    try:
+        return GgufConfig(dequantize=True)
+    except TypeError:  # pragma: no cover - a GgufConfig without the option
+        return None
+
+
 def _loading_kwargs(args: argparse.Namespace, ref: ModelRef) -> dict[str, Any]:
     kwargs: dict[str, Any] = {}
     if ref.gguf_file is not None:
         kwargs["gguf_file"] = ref.gguf_file
+        gguf_config = _gguf_dequantize_config()
+        if gguf_config is not None:
+            kwargs["quantization_config"] = gguf_config
     if getattr(args, "dtype", None):
         kwargs["dtype"] = args.dtype
     if getattr(args, "revision", None):
@@ -794,7 +860,23 @@ def make_pruner(ref: ModelRef, args: argparse.Namespace, config: StatPruneConfig
 
 def loaded_model(pruner: Any, ref: ModelRef) -> Any:
     with _loading(f"the model {ref.label}"):
-        return pruner.model
+        model = pruner.model
+    _require_dense(model, ref)
+    return model
+
+
+def _require_dense(model_or_config: Any, ref: ModelRef) -> None:
+    """A quantized model can be neither pruned weight by weight nor saved by ``save_pretrained``: say so
+    before the work, not after it."""
+    config = getattr(model_or_config, "config", model_or_config)
+    method = getattr(getattr(model_or_config, "hf_quantizer", None), "quantization_config", None) or getattr(
+        config, "quantization_config", None
+    )
+    if getattr(model_or_config, "is_quantized", False) or method is not None:
+        name = getattr(method, "quant_method", None) or (method.get("quant_method") if isinstance(method, dict) else method)
+        raise UsageError(
+            f"--model {ref.label} is quantized ({getattr(name, 'value', name)}); prune a dense (float) checkpoint instead"
+        )
 
 
 def load_model(ref: ModelRef, args: argparse.Namespace) -> tuple[Any, Any]:
@@ -889,6 +971,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     )
     quiet_libraries()
     model_config = load_model_config(ref, args)
+    _require_dense(model_config, ref)
     tokenizer = load_tokenizer(ref, args, required=cal_texts is not None or eval_texts is not None)
 
     from .data import calibration_windows, evaluation_windows
@@ -901,9 +984,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     pruner = make_pruner(ref, args, config, tokenizer)
     dense_ppl = pruned_ppl = None
-    if eval_ids is not None:  # perplexity needs the model in memory: prune it there, then save
+    if eval_ids is not None or ref.gguf_file is not None:
+        # Perplexity needs the model in memory (and a GGUF cannot be streamed): load, check, prune, save.
         model = loaded_model(pruner, ref)
-        dense_ppl = measure_perplexity(model, eval_ids, args, args.eval_batch_size)
+        if eval_ids is not None:
+            dense_ppl = measure_perplexity(model, eval_ids, args, args.eval_batch_size)
     # Without --eval and with a safetensors source, blocks stream from shard to shard.
     saved = pruner.prune(cal_ids, output_dir=output, overwrite=args.overwrite, progress=not args.quiet, activations=args.activations)
     if eval_ids is not None:
@@ -933,10 +1018,47 @@ def cmd_prune(args: argparse.Namespace) -> int:
             "pruned_perplexity": pruned_ppl,
         },
     }
+    if summary["eval"] is not None:
+        _record_evaluation(saved, summary["eval"])
     _print_prune_summary(summary, config)
     if args.json:
         _write_json(args.json, summary)
+    if args.push_to_hub:
+        _push(saved, args.push_to_hub, args.private, args.hub_token, None, None, check=True)
     return 0
+
+
+def _record_evaluation(saved: str, evaluation: dict[str, Any]) -> None:
+    """Keep the perplexities in the manifest, so the model card can show them."""
+    from .manifest import read_manifest, write_manifest
+
+    manifest = read_manifest(saved)
+    manifest["evaluation"] = {"perplexity": {k: evaluation[k] for k in ("source", "windows", "seqlen")}
+                              | {"dense": evaluation["dense_perplexity"], "pruned": evaluation["pruned_perplexity"]}}
+    write_manifest(saved, manifest)
+
+
+def _push(folder: str | Path, repo_id: str, private: bool, token: str | None, message: str | None,
+          revision: str | None, check: bool) -> None:
+    from .hub import push_to_hub
+
+    url = push_to_hub(folder, repo_id, private=private, token=token, commit_message=message, revision=revision, check=check)
+    print(f"pushed {folder} to {repo_id}: {getattr(url, 'commit_url', None) or url}")
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    if not Path(args.directory).is_dir():
+        raise CLIError(f"{args.directory} is not a directory; give the folder a prune run wrote", 2)
+    _push(args.directory, args.repo_id, args.private, args.token, args.message, args.revision, check=not args.no_check)
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .verify import verify
+
+    report = verify(args.target, revision=args.revision, token=args.token, hashes=not args.no_hashes)
+    print(report.summary())
+    return 0 if report.ok else 1
 
 
 def _print_prune_summary(s: dict[str, Any], config: StatPruneConfig) -> None:
@@ -1271,7 +1393,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return code
 
 
-COMMANDS.update(prune=cmd_prune, eval=cmd_eval, compare=cmd_compare, demo=cmd_demo)
+COMMANDS.update(prune=cmd_prune, eval=cmd_eval, compare=cmd_compare, demo=cmd_demo, push=cmd_push, verify=cmd_verify)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -257,3 +257,34 @@ def test_tests_cannot_reach_the_internet(hub):
 
     with pytest.raises(RuntimeError, match="only the loopback fake hub"):
         HfApi(endpoint="https://huggingface.co").model_info("gpt2")
+
+
+def test_cli_push_and_verify(folder, hub, capsys):
+    from optimum_statprune import cli
+
+    assert cli.main(["verify", str(folder)]) == 0
+    assert capsys.readouterr().out.startswith("OK:")
+    assert cli.main(["push", str(folder), f"{USER}/cli-pushed", "--token", VALID_TOKEN]) == 0
+    assert f"pushed {folder} to {USER}/cli-pushed" in capsys.readouterr().out
+    assert load_manifest(f"{USER}/cli-pushed") == read_manifest(folder)
+    assert cli.main(["verify", f"{USER}/cli-pushed"]) == 0
+    capsys.readouterr()
+    assert cli.main(["push", str(folder), f"{USER}/other", "--token", "not-a-token"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "login" in err and "Traceback" not in err
+    assert cli.main(["push", str(folder / "missing"), f"{USER}/other"]) == 2
+
+
+def test_cli_verify_fails_on_a_revived_weight(folder, capsys):
+    from safetensors.torch import load_file, save_file
+
+    from optimum_statprune import cli
+
+    shard = next(folder.glob("*.safetensors"))
+    tensors = load_file(shard)
+    key = next(k for k in tensors if k.endswith("q_proj.weight"))
+    tensors[key] = tensors[key].clone()
+    tensors[key][tensors[key] == 0] = 1.0
+    save_file(tensors, shard, metadata={"format": "pt"})
+    assert cli.main(["verify", str(folder)]) == 1
+    assert capsys.readouterr().out.startswith("FAILED")

