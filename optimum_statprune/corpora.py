@@ -28,10 +28,10 @@ import importlib.metadata
 import importlib.util
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 from .data import DataError
+from .io import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -157,17 +157,7 @@ def _read(path: Path) -> str:
 
 def _atomic_write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(path, text)
 
 
 def _verify(name: str, text: str, where: str) -> None:

@@ -50,6 +50,7 @@ from dataclasses import dataclass
 import torch
 
 from .masks import prune_count
+from .stats import token_rows
 
 # Elements converted to the accumulation dtype at once; bounds the transient memory of an update.
 _CHUNK_ELEMENTS = 1 << 24
@@ -78,11 +79,7 @@ class HessianAccumulator:
     def update(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         """Add tokens ``x`` of shape ``[..., dim]``; ``mask`` (shape ``x.shape[:-1]``, True = real token)
         drops padding, exactly as ``ChannelStats.update``."""
-        if x.shape[-1] != self.dim:
-            raise ValueError(f"expected inputs with {self.dim} channels, got shape {tuple(x.shape)}")
-        rows = x.reshape(-1, self.dim)
-        if mask is not None:
-            rows = rows[mask.reshape(-1).to(device=rows.device, dtype=torch.bool)]
+        rows = token_rows(x, self.dim, mask)
         n = rows.shape[0]
         if n == 0:
             return

@@ -34,6 +34,16 @@ def token_keys(index: torch.Tensor, seed: int) -> torch.Tensor:
     return (h << 31) | (index & 0x7FFFFFFF)
 
 
+def token_rows(x: torch.Tensor, dim: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``x`` (``[..., dim]``) as rows of tokens, padding (``mask`` False) dropped."""
+    if x.shape[-1] != dim:
+        raise ValueError(f"expected inputs with {dim} channels, got shape {tuple(x.shape)}")
+    rows = x.reshape(-1, dim)
+    if mask is not None:
+        rows = rows[mask.reshape(-1).to(device=rows.device, dtype=torch.bool)]
+    return rows
+
+
 class ChannelStats:
     """Accumulates statistics of a linear layer's input, one entry per input channel."""
 
@@ -59,11 +69,7 @@ class ChannelStats:
     @torch.no_grad()
     def update(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         """Add tokens ``x`` of shape ``[..., dim]``; ``mask`` (shape ``x.shape[:-1]``, True = real token) drops padding."""
-        if x.shape[-1] != self.dim:
-            raise ValueError(f"expected inputs with {self.dim} channels, got shape {tuple(x.shape)}")
-        rows = x.reshape(-1, self.dim)
-        if mask is not None:
-            rows = rows[mask.reshape(-1).to(device=rows.device, dtype=torch.bool)]
+        rows = token_rows(x, self.dim, mask)
         n = rows.shape[0]
         if n == 0:
             return
