@@ -778,19 +778,9 @@ def load_source(source: str, flag: str, split: str | None = None, text_field: st
 
 
 def _gguf_dequantize_config() -> Any:
-    """``GgufConfig(dequantize=True)`` on transformers versions that load GGUF through a quantizer.
+    from .pruner import gguf_dequantize_config
 
-    Without it those versions keep the model marked as quantized (``save_pretrained`` then refuses
-    it) or, with the ``kernels`` package installed, keep the weights packed where nothing can prune
-    them. Older versions always dequantize and have no ``GgufConfig``: ``None`` then."""
-    try:
-        from transformers.utils.quantization_config import GgufConfig
-    except ImportError:
-        return None
-    try:
-        return GgufConfig(dequantize=True)
-    except TypeError:  # pragma: no cover - a GgufConfig without the option
-        return None
+    return gguf_dequantize_config()
 
 
 def _loading_kwargs(args: argparse.Namespace, ref: ModelRef) -> dict[str, Any]:
@@ -1054,6 +1044,9 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    target = args.target
+    if not Path(target).expanduser().exists() and (not _HUB_ID_RE.fullmatch(target) or target.startswith((".", "~"))):
+        raise UsageError(f"{target}: no such directory; give a pruned model directory or a Hub repository id (org/name)")
     from .verify import verify
 
     report = verify(args.target, revision=args.revision, token=args.token, hashes=not args.no_hashes)

@@ -54,6 +54,10 @@ class StatPruner(OptimumQuantizer):
         self.source = source
         self.loading_kwargs = dict(loading_kwargs or {})
         self.loading_kwargs.setdefault("trust_remote_code", False)
+        if self.loading_kwargs.get("gguf_file") and "quantization_config" not in self.loading_kwargs:
+            dequantize = gguf_dequantize_config()
+            if dequantize is not None:
+                self.loading_kwargs["quantization_config"] = dequantize
         self.config = config if config is not None else StatPruneConfig()
         self.tokenizer = tokenizer
         self.device = device
@@ -298,6 +302,22 @@ class StatPruner(OptimumQuantizer):
             raise
         logger.info("saved pruned model to %s", save_dir)
         return str(save_dir)
+
+
+def gguf_dequantize_config() -> Any:
+    """``GgufConfig(dequantize=True)`` on transformers versions that load GGUF through a quantizer.
+
+    Without it those versions keep the model marked as quantized (``save_pretrained`` then refuses
+    it) or, with the ``kernels`` package installed, keep the weights packed where nothing can prune
+    them. Older versions (5.17) always dequantize and have no ``GgufConfig``: ``None`` then."""
+    try:
+        from transformers.utils.quantization_config import GgufConfig
+    except ImportError:
+        return None
+    try:
+        return GgufConfig(dequantize=True)
+    except TypeError:  # pragma: no cover - a GgufConfig without the option
+        return None
 
 
 def _hub_id(name: Any) -> str | None:

@@ -210,7 +210,9 @@ def test_runtime_error_is_one_line_and_debug_adds_the_traceback(capsys, tmp_path
 
 
 def test_console_script_prints_one_line_and_no_traceback(tmp_path):
-    script = shutil.which("optimum-statprune") or str(Path(sys.executable).parent / "optimum-statprune")
+    script = str(Path(sys.executable).parent / "optimum-statprune")  # this interpreter's, not another venv's
+    if not os.path.exists(script):
+        script = shutil.which("optimum-statprune") or script
     if not os.path.exists(script):
         pytest.skip("the optimum-statprune console script is not installed")
     proc = subprocess.run(
@@ -275,6 +277,14 @@ def test_overwrite_replaces_the_output(capsys, model_dir, tmp_path):
     assert cli.main(argv) == 0
     assert not (out / "old.txt").exists() and (out / MANIFEST_NAME).is_file()
     capsys.readouterr()
+
+
+def test_verify_checks_the_output_and_refuses_missing_paths(capsys, pruned_dir, tmp_path):
+    out, _ = pruned_dir
+    assert cli.main(["verify", str(out)]) == 0
+    assert capsys.readouterr().out.startswith("OK:")
+    assert cli.main(["verify", str(tmp_path / "missing")]) == 2
+    assert "no such directory" in _one_error_line(capsys)
 
 
 def test_eval_reports_perplexity_and_sparsity(capsys, pruned_dir, corpus, tmp_path):
@@ -399,12 +409,18 @@ def test_demo_runs_protocol_a_through_prune(monkeypatch, tmp_path):
 # ------------------------------------------------------------------------------------------------ optimum-cli
 @pytest.fixture()
 def optimum_cli(monkeypatch):
-    """optimum-cli with this checkout's `optimum/commands/register/` on the namespace path, as an
+    """optimum-cli finding `optimum/commands/register/statprune.py` on the namespace path, as an
     installed wheel has it."""
     pytest.importorskip("optimum.commands.optimum_cli")
-    monkeypatch.syspath_prepend(str(REPO))
     for name in [m for m in sys.modules if m.startswith("optimum.commands.register")]:
         monkeypatch.delitem(sys.modules, name)
+    spec = importlib.util.find_spec("optimum.commands.register")
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not any((Path(p) / "statprune.py").is_file() for p in locations):
+        # Not installed with the package data (a plain checkout): put the checkout on the path. When it
+        # is installed, the installed copy is what gets tested (adding the checkout too would register
+        # the command twice).
+        monkeypatch.syspath_prepend(str(REPO))
     from optimum.commands import optimum_cli
 
     def run(*argv: str) -> int:
@@ -422,7 +438,8 @@ def test_optimum_cli_lists_statprune_subcommands(optimum_cli, capsys):
     assert optimum_cli("statprune", "--help") == 0
     out = capsys.readouterr().out
     assert "optimum-cli statprune" in out
-    for name in ("prune", "eval", "compare", "demo"):
+    assert {"prune", "eval", "compare", "demo"} <= set(cli.SUBCOMMANDS)
+    for name in cli.SUBCOMMANDS:  # every optimum-statprune subcommand, push and verify included
         assert name in out
 
 

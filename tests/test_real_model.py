@@ -98,3 +98,18 @@ def test_activation_aware_methods_beat_magnitude_by_far(results):
         assert dense < ppl < magnitude / 2, (method, ppl, magnitude)
     for method in ("wanda", "statprune"):
         assert results[(method, "2:4")]["ppl"] > results[(method, "unstructured")]["ppl"]
+
+
+def test_gguf_source_prunes_and_saves_plain_safetensors(tmp_path):
+    """A GGUF checkpoint is dequantized on load, so the pruned model saves and reloads as plain weights."""
+    from transformers import AutoModelForCausalLM
+
+    directory, gguf_file = GGUF
+    pruner = StatPruner.from_pretrained(directory, config=StatPruneConfig(method="magnitude", pattern="2:4"),
+                                        gguf_file=gguf_file, dtype=torch.float32, device="cpu")
+    out = pruner.prune(output_dir=tmp_path / "out", progress=False)
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert getattr(reloaded.config, "quantization_config", None) is None
+    q = reloaded.model.layers[3].self_attn.q_proj.weight
+    assert torch.all((q != 0).reshape(q.shape[0], -1, 4).sum(-1) <= 2)
+    assert (tmp_path / "out" / "tokenizer.json").exists()
