@@ -523,7 +523,7 @@ def prune_model(
 ) -> PruneReport:
     """Prune a loaded model's decoder blocks in place. ``activations``: where calibration hidden states
     live between blocks ("device", "host", or "auto" by free GPU memory)."""
-    device = torch.device(device) if device is not None else _default_device()
+    device = torch.device(device) if device is not None else default_device()
     blocks_path, block_list = find_blocks(model, blocks)
     was_training = model.training
     model.eval()
@@ -546,7 +546,8 @@ def _hidden_size(model: nn.Module) -> int:
     return model.get_input_embeddings().weight.shape[1]
 
 
-def _default_device() -> torch.device:
+def default_device() -> torch.device:
+    """cuda when available, else cpu."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 

@@ -14,7 +14,7 @@ from optimum.quantization_base import OptimumQuantizer
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .config import StatPruneConfig
-from .engine import CalibrationBatch, PruneReport, iter_batches, prune_model
+from .engine import CalibrationBatch, PruneReport, default_device, iter_batches, prune_model
 from .manifest import (
     MANIFEST_NAME,
     build_manifest,
@@ -132,18 +132,19 @@ class StatPruner(OptimumQuantizer):
         if isinstance(calibration, torch.Tensor):
             ids = calibration
             if ids.dim() == 1:
-                from .data import calibration_windows
+                from .data import calibration_windows, resolve_seqlen
 
-                ids = calibration_windows(ids, self.tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed)
+                ids = calibration_windows(ids, self.tokenizer, cfg.nsamples, resolve_seqlen(cfg.seqlen, self.model_config), cfg.seed)
             if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
                 raise ValueError("calibration token ids must be an integer tensor of shape [samples, tokens]")
             ids = ids.long()
         elif isinstance(calibration, (list, tuple)) and calibration and all(isinstance(s, str) for s in calibration):
             ids, mask = self._tokenize_samples(list(calibration)[: cfg.nsamples])
         elif isinstance(calibration, (str, os.PathLike)):
-            from .data import calibration_windows, load_texts
+            from .data import calibration_windows, load_texts, resolve_seqlen
 
-            ids = calibration_windows(load_texts(str(calibration)), self._require_tokenizer(), cfg.nsamples, cfg.seqlen, cfg.seed)
+            seqlen = resolve_seqlen(cfg.seqlen, self.model_config)  # capped to the context, with a warning
+            ids = calibration_windows(load_texts(str(calibration)), self._require_tokenizer(), cfg.nsamples, seqlen, cfg.seed)
         else:
             raise ValueError(
                 "calibration must be a list of strings, a tensor of token ids, or a file / dataset name; "
@@ -211,9 +212,7 @@ class StatPruner(OptimumQuantizer):
         return self.calibration_batches(calibration)
 
     def _device(self) -> torch.device:
-        if self.device is not None:
-            return torch.device(self.device)
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device) if self.device is not None else default_device()
 
     def quantize(self, save_dir: str | Path, file_prefix: str | None = None, calibration: Calibration = None, **kwargs):
         """Optimum's entry point: prune into ``save_dir`` (streaming when the source allows it)."""

@@ -343,3 +343,17 @@ def test_config_json_records_pruning_config_not_quantization_config(tmp_path):
     assert block["library"] == "optimum-statprune" and block["method"] == "wanda" and block["pattern"] == "2:4"
     assert block["base_model"] == "someone/tiny-llama" and block["manifest"] == MANIFEST_NAME
     assert StatPruner.load_manifest(tmp_path / "out")["config"]["method"] == "wanda"
+
+
+def test_text_file_calibration_uses_random_windows_capped_to_the_context(tmp_path, caplog):
+    from tiny_models import tiny_tokenizer
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(" ".join("abcdefghij"[i % 10] for i in range(4000)))
+    model = build("llama")  # max_position_embeddings=256
+    cfg = StatPruneConfig(method="wanda", nsamples=3, seqlen=1024)
+    pruner = StatPruner.from_pretrained(model, config=cfg, tokenizer=tiny_tokenizer(), device="cpu")
+    with caplog.at_level("WARNING"):
+        pruner.prune(str(corpus), progress=False)
+    assert pruner.calibration_info["nsamples"] == 3 and pruner.calibration_info["seqlen"] == 256
+    assert any("256" in r.getMessage() for r in caplog.records)
