@@ -239,7 +239,8 @@ def _load_outside(model: nn.Module, blocks_path: str, reader: CheckpointReader, 
     return keys
 
 
-def build_skeleton(source: str | os.PathLike, dtype: torch.dtype | None, trust_remote_code: bool = False) -> nn.Module:
+def build_skeleton(source: str | os.PathLike, trust_remote_code: bool = False) -> nn.Module:
+    """The model on the meta device: no weights are read or allocated."""
     config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
@@ -268,7 +269,7 @@ def prune_checkpoint(
     if output.exists() and any(output.iterdir()) and not overwrite:
         raise FileExistsError(f"{output} is not empty; choose another directory or pass overwrite=True")
     reader = CheckpointReader(source)
-    model = build_skeleton(source, dtype, trust_remote_code)
+    model = build_skeleton(source, trust_remote_code)
     blocks_path, block_list = find_blocks(model, blocks)
     n_blocks = len(block_list)
     total = n_blocks + 1
