@@ -36,11 +36,14 @@ from pathlib import Path
 from typing import Any
 
 from .config import (
+    ACTIVATION_STATS,
     COMPENSATIONS,
     CONFIG_NAME,
     EC_STEPS,
     GROUPS,
     METHODS,
+    PRESET_FIELDS,
+    SAFETY_SCOPES,
     WEIGHT_STAT_AXES,
     StatPruneConfig,
 )
@@ -73,6 +76,8 @@ FIELD_CHOICES: dict[str, Sequence[str]] = {
     "method": METHODS,
     "group": GROUPS,
     "weight_stat_axis": WEIGHT_STAT_AXES,
+    "activation_stat": ACTIVATION_STATS,
+    "safety_scope": SAFETY_SCOPES,
     "compensation": COMPENSATIONS,
     "ec_steps": EC_STEPS,
 }
@@ -84,6 +89,10 @@ FIELD_HELP: dict[str, str] = {
     "alpha": "CVR exponent on the weight-group dispersion (0: |W|*std(x)^0.5)",
     "eps": "CVR epsilon added to the weight-group variance",
     "weight_stat_axis": "CVR weight-dispersion group: per input 'column' or per output 'row'",
+    "activation_stat": "CVR activation statistic A in A^(p/2): 'variance' (the paper's) or 'second_moment' (Wanda's)",
+    "activation_power": "CVR activation power p in A^(p/2) (0.5: the paper's Var(x)^(1/4))",
+    "compensation_shrink": "apply this fraction of the compensation's change (1: all of it)",
+    "safety_scope": "judge a compensation by each linear's output error ('layer') or the whole block's ('block')",
     "ria_power": "RIA activation power a",
     "compensation": "correction after the mask is fixed",
     "safety_check": "keep a compensation only where it lowers the layer's output error",
@@ -181,7 +190,7 @@ def _default_text(f: dataclasses.Field) -> str:
     else:  # pragma: no cover - every field has a default
         return "required"
     if value is None:
-        return "the method's preset" if f.name in ("compensation", "safety_check") else "all"
+        return "the method's preset" if f.name in PRESET_FIELDS else "all"
     if isinstance(value, tuple):
         return " ".join(str(v) for v in value)
     if isinstance(value, list):

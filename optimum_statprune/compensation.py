@@ -117,10 +117,15 @@ def compensate(
     ec_steps: str = "column,row",
     ec_centered: bool = True,
     ec_clamp: tuple[float, float] = (1.0, 2.0),
+    shrink: float = 1.0,
     safety_check: bool = False,
 ) -> Compensated:
-    """Apply compensation ``kind`` to the masked weight; with ``safety_check``, keep it only if it lowers
-    the output error on the token subsample, and record both errors either way when a subsample exists."""
+    """Apply compensation ``kind`` to the masked weight, moved ``shrink`` of the way from the pruned
+    weight; with ``safety_check``, keep it only if it lowers the output error on the token subsample, and
+    record both errors either way when a subsample exists.
+
+    The least-squares scale is fitted on the even rows of the subsample and judged on the odd ones: judged
+    on the rows it was fitted to, it can only look better, and the check would never say no."""
     w0 = _f32(w0)
     pruned = w0 * mask
     record: dict[str, Any] = {"kind": kind}
@@ -128,15 +133,17 @@ def compensate(
         return Compensated(pruned, None, {"kind": "none", "applied": False})
 
     bias_delta = None
+    sample = stats.sample.to(w0.device) if stats is not None and stats.sample is not None else None
+    judge = sample
     if kind == "ec":
         weight = energy_compensation(w0, mask, ec_steps, ec_centered, ec_clamp)
     elif kind == "ec-activation":
         weight = pruned * activation_energy_row_scale(w0, mask, _need(stats, kind).second_moment, ec_clamp)[:, None]
     elif kind == "lsq":
-        sample = _need(stats, kind).sample
-        if sample is None:
+        if _need(stats, kind).sample is None:
             raise ValueError("lsq compensation needs a token subsample (sample_tokens > 0)")
-        weight = pruned * lsq_row_scale(w0, pruned, sample.to(w0.device))[:, None]
+        fit, judge = (sample[0::2], sample[1::2]) if sample.shape[0] > 1 else (sample, sample)
+        weight = pruned * lsq_row_scale(w0, pruned, fit)[:, None]
     elif kind == "bias":
         if not (has_bias or add_bias):
             return Compensated(pruned, None, {"kind": kind, "applied": False, "reason": "layer has no bias"})
@@ -144,14 +151,15 @@ def compensate(
         bias_delta = bias_shift(w0, mask, _need(stats, kind).mean)
     else:
         raise ValueError(f"unknown compensation {kind!r}")
+    if shrink != 1.0:
+        weight = pruned + shrink * (weight - pruned)
+        bias_delta = bias_delta * shrink if bias_delta is not None else None
     weight = weight * mask
 
     applied = True
-    sample = stats.sample if stats is not None else None
-    if sample is not None:
-        sample = sample.to(w0.device)
-        err_none = output_error(w0, pruned, sample)
-        err_comp = output_error(w0, weight, sample, bias_delta)
+    if judge is not None:
+        err_none = output_error(w0, pruned, judge)
+        err_comp = output_error(w0, weight, judge, bias_delta)
         record.update(error_none=err_none, error_compensated=err_comp)
         if safety_check:
             applied = err_comp < err_none

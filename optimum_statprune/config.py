@@ -16,15 +16,31 @@ METHODS = ("magnitude", "wanda", "ria", "cvr", "statprune", "sparsegpt")
 GROUPS = ("row", "layer")
 WEIGHT_STAT_AXES = ("column", "row")
 COMPENSATIONS = ("none", "ec", "ec-activation", "lsq", "bias")
+ACTIVATION_STATS = ("variance", "second_moment")
+SAFETY_SCOPES = ("layer", "block")
 EC_STEPS = ("column", "row", "column,row", "row,column")
 ACTIVATION_METHODS = ("wanda", "ria", "cvr", "statprune", "sparsegpt")
 
 _PATTERN_RE = re.compile(r"^(\d+):(\d+)$")
 
-# What the "statprune" preset means where the user leaves a field at None.
+# What a field left at None means: the method's preset first, then the general default. The "cvr"
+# preset is the paper's formula as written; the "statprune" preset is what the protocol-A sweep chose
+# (docs/results.md, benchmarks/sweep.py).
 PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
+    "cvr": {},
     "statprune": {"compensation": "lsq", "safety_check": True},
 }
+GENERAL_DEFAULTS: dict[str, Any] = {
+    "alpha": 1.0,
+    "activation_stat": "variance",
+    "activation_power": 0.5,
+    "weight_stat_axis": "column",
+    "compensation": "none",
+    "compensation_shrink": 1.0,
+    "safety_check": False,
+    "safety_scope": "layer",
+}
+PRESET_FIELDS = tuple(GENERAL_DEFAULTS)
 
 
 def _fail(name: str, value: Any, allowed: str) -> None:
@@ -43,13 +59,20 @@ class StatPruneConfig:
     sparsity: float = 0.5
     pattern: str = "unstructured"
     group: str = "row"
-    # CVR: S_ij = |W_ij| * Var(x_j)^(1/4) * (sigma^2_W + eps)^(-alpha/2)
-    alpha: float = 1.0
+    # CVR: S_ij = |W_ij| * A_j^(activation_power/2) * (sigma^2_W + eps)^(-alpha/2), A = Var(x) or E[x^2];
+    # the paper's formula is A = Var(x), activation_power = 1/2. None: the method's preset.
+    alpha: float | None = None
     eps: float = 1e-8
-    weight_stat_axis: str = "column"
+    weight_stat_axis: str | None = None
+    activation_stat: str | None = None
+    activation_power: float | None = None
     ria_power: float = 0.5
     compensation: str | None = None
+    # a compensated weight is moved only this fraction of the way from the pruned one (1: fully)
+    compensation_shrink: float | None = None
     safety_check: bool | None = None
+    # judge a compensation by each linear's output error ("layer") or by the whole block's ("block")
+    safety_scope: str | None = None
     ec_steps: str = "column,row"
     ec_centered: bool = True
     ec_clamp: tuple[float, float] = (1.0, 2.0)
@@ -95,16 +118,26 @@ class StatPruneConfig:
                 _fail("pattern", self.pattern, "N:M needs 0 < N < M (N weights kept in every group of M)")
         if self.group not in GROUPS:
             _fail("group", self.group, f"choose one of {', '.join(GROUPS)}")
-        for name in ("alpha", "eps", "ria_power"):
+        for name in ("alpha", "eps", "ria_power", "activation_power", "compensation_shrink"):
             v = getattr(self, name)
+            if v is None and name in PRESET_FIELDS:
+                continue
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 _fail(name, v, "use a finite real number")
-        if self.alpha < 0:
+        if self.alpha is not None and self.alpha < 0:
             _fail("alpha", self.alpha, "use a number >= 0")
+        if self.activation_power is not None and self.activation_power < 0:
+            _fail("activation_power", self.activation_power, "use a number >= 0 (1/2: the paper's Var(x)^(1/4))")
+        if self.compensation_shrink is not None and not 0 < self.compensation_shrink <= 1:
+            _fail("compensation_shrink", self.compensation_shrink, "use a fraction in (0, 1]; 1 applies the correction fully")
         if self.eps <= 0:
             _fail("eps", self.eps, "use a positive number such as 1e-8")
-        if self.weight_stat_axis not in WEIGHT_STAT_AXES:
+        if self.weight_stat_axis is not None and self.weight_stat_axis not in WEIGHT_STAT_AXES:
             _fail("weight_stat_axis", self.weight_stat_axis, f"choose one of {', '.join(WEIGHT_STAT_AXES)}")
+        if self.activation_stat is not None and self.activation_stat not in ACTIVATION_STATS:
+            _fail("activation_stat", self.activation_stat, f"choose one of {', '.join(ACTIVATION_STATS)}")
+        if self.safety_scope is not None and self.safety_scope not in SAFETY_SCOPES:
+            _fail("safety_scope", self.safety_scope, f"choose one of {', '.join(SAFETY_SCOPES)}")
         if self.compensation is not None and self.compensation not in COMPENSATIONS:
             _fail("compensation", self.compensation, f"choose one of {', '.join(COMPENSATIONS)}")
         if self.safety_check is not None and not isinstance(self.safety_check, bool):
@@ -173,21 +206,23 @@ class StatPruneConfig:
     def needs_activations(self) -> bool:
         return self.method in ACTIVATION_METHODS or self.resolved_compensation() not in ("none", "ec")
 
+    def resolve(self, name: str) -> Any:
+        """A preset field's value as run: the user's, else the method's preset, else the general default."""
+        value = getattr(self, name)
+        if value is not None:
+            return value
+        return PRESET_DEFAULTS.get(self.method, {}).get(name, GENERAL_DEFAULTS[name])
+
     def resolved_compensation(self) -> str:
-        if self.compensation is not None:
-            return self.compensation
-        return PRESET_DEFAULTS.get(self.method, {}).get("compensation", "none")
+        return self.resolve("compensation")
 
     def resolved_safety_check(self) -> bool:
-        if self.safety_check is not None:
-            return self.safety_check
-        return PRESET_DEFAULTS.get(self.method, {}).get("safety_check", False)
+        return self.resolve("safety_check")
 
     def resolved(self) -> dict[str, Any]:
         """The config as run: preset defaults filled in."""
         d = self.to_dict()
-        d["compensation"] = self.resolved_compensation()
-        d["safety_check"] = self.resolved_safety_check()
+        d.update({name: self.resolve(name) for name in PRESET_FIELDS})
         return d
 
     # ------------------------------------------------------------------ serialisation

@@ -112,6 +112,8 @@ def _restore_outside(model: nn.Module, homes: dict[str, torch.device]) -> None:
 
 
 ACTIVATION_PLACEMENTS = ("auto", "device", "host")
+BLOCK_CHECK_BATCHES = 1
+"""Calibration batches the block-level safety check runs the block on (three extra passes each)."""
 
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:
@@ -317,10 +319,17 @@ def _accumulator_kind(config: StatPruneConfig) -> str:
 
 # ---------------------------------------------------------------------------------------------- prune
 @torch.no_grad()
-def prune_target(target: Target, stats: Any, config: StatPruneConfig, sparsity: float | None = None) -> dict[str, Any]:
+def prune_target(
+    target: Target,
+    stats: Any,
+    config: StatPruneConfig,
+    sparsity: float | None = None,
+    uncompensated: list[Uncompensated] | None = None,
+) -> dict[str, Any]:
     """Score, mask and compensate one weight in place (or run SparseGPT on it); return its manifest
     record. ``stats`` is the target's accumulator (None for magnitude); ``sparsity`` overrides the
-    config's (OWL)."""
+    config's (OWL). Where a compensation was applied and ``uncompensated`` is a list, the plain pruned
+    weight and the original bias are appended to it, so a block-level check can undo the compensation."""
     w0 = target.weight().detach().to(torch.float32)
     sparsity = config.sparsity if sparsity is None else sparsity
     method = config.method
@@ -349,11 +358,16 @@ def prune_target(target: Target, stats: Any, config: StatPruneConfig, sparsity: 
         kind = config.resolved_compensation() if stats is not None else "none"
         if kind == "bias" and target.bias is None and not config.add_bias:
             kind = "none"
+        layer_check = config.resolve("safety_check") and config.resolve("safety_scope") == "layer"
         result = compensate(
             w0, mask, kind, stats,
             has_bias=target.bias is not None, add_bias=config.add_bias, ec_steps=config.ec_steps,
-            ec_centered=config.ec_centered, ec_clamp=config.ec_clamp, safety_check=config.resolved_safety_check(),
+            ec_centered=config.ec_centered, ec_clamp=config.ec_clamp, shrink=config.resolve("compensation_shrink"),
+            safety_check=layer_check,
         )
+        if uncompensated is not None and result.record.get("applied"):
+            bias = target.bias.detach().clone() if target.bias is not None else None
+            uncompensated.append(Uncompensated(target, w0 * mask, bias, result.record))
         target.set_weight(result.weight)
         if result.bias_delta is not None:
             _shift_bias(target, result.bias_delta)
@@ -369,6 +383,60 @@ def _shift_bias(target: Target, delta: torch.Tensor) -> None:
         weight = target.weight()
         module.bias = nn.Parameter(torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device))
     module.bias.add_(delta.to(module.bias.dtype))
+
+
+@dataclass
+class Uncompensated:
+    """A target's weight and bias as they were before compensation, and its compensation record."""
+
+    target: Target
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    record: dict[str, Any]
+
+    def swap(self) -> None:
+        """Exchange the target's current weight and bias with the ones kept here."""
+        current_w = self.target.weight().detach().clone()
+        current_b = self.target.bias.detach().clone() if self.target.bias is not None else None
+        self.target.set_weight(self.weight)
+        if self.bias is None:
+            if self.target.bias is not None:  # the compensation added a bias the layer did not have
+                self.target.module.bias = None
+        else:
+            module = self.target.module
+            if module.bias is None:
+                module.bias = nn.Parameter(self.bias.clone())
+            else:
+                module.bias.data.copy_(self.bias)
+        self.weight, self.bias = current_w, current_b
+
+
+def _block_error(block, inputs, i, hidden, reference, batches) -> float:
+    """Squared error of the block's output against ``reference`` over the first ``batches`` batches."""
+    total = 0.0
+    for b in range(batches):
+        diff = (_call_block(block, inputs, i, b, hidden[b]).float() - reference[b]).square().sum(-1)
+        mask = inputs.token_masks[b]
+        if mask is not None:
+            diff = diff * mask.to(diff.device, diff.dtype)
+        total += float(diff.sum())
+    return total
+
+
+def _block_safety_check(block, inputs, i, hidden, reference, batches, undo: list[Uncompensated]) -> None:
+    """Keep the block's compensations only if together they lower the block output's error against the
+    dense block; record the decision and both errors in every compensated target's record."""
+    err_comp = _block_error(block, inputs, i, hidden, reference, batches)
+    for u in undo:
+        u.swap()
+    err_none = _block_error(block, inputs, i, hidden, reference, batches)
+    keep = err_comp < err_none
+    if keep:
+        for u in undo:
+            u.swap()
+    for u in undo:
+        u.record["block_check"] = {"error_none": err_none, "error_compensated": err_comp}
+        u.record["applied"] = keep
 
 
 # ---------------------------------------------------------------------------------------------- loop
@@ -434,11 +502,21 @@ def _prune_block(block, inputs, i, hidden, blocks_path, config, device, sparsiti
     if not config.needs_activations:
         return [prune_target(t, None, config, level.get(t.name)) for t in targets]
     observer = Observer(targets, config, device, i, _accumulator_kind(config))
+    block_check = (
+        config.resolve("safety_check") and config.resolve("safety_scope") == "block"
+        and config.resolved_compensation() != "none"
+    )
+    undo: list[Uncompensated] | None = [] if block_check else None
+    if block_check:  # the dense block's output on the first batch: what the pruned block should reproduce
+        check_batches = min(BLOCK_CHECK_BATCHES, len(hidden))
+        reference = [_call_block(block, inputs, i, b, hidden[b]).float() for b in range(check_batches)]
     records = []
     groups = _input_groups(block, inputs, i, hidden, targets) if config.sequential else [targets]
     for group in groups:
         _observe(block, inputs, i, hidden, observer, group, stop=config.sequential)
-        records += [prune_target(t, observer.stats.pop(t.name, None), config, level.get(t.name)) for t in group]
+        records += [prune_target(t, observer.stats.pop(t.name, None), config, level.get(t.name), undo) for t in group]
+    if undo:
+        _block_safety_check(block, inputs, i, hidden, reference, check_batches, undo)
     return records
 
 

@@ -49,14 +49,25 @@ def cvr_score(
     alpha: float = 1.0,
     eps: float = 1e-8,
     axis: str = "column",
+    activation_stat: str = "variance",
+    activation_power: float = 0.5,
 ) -> torch.Tensor:
-    """CVR: ``|W_ij| * Var(x_j)^(1/4) * (sigma^2_W + eps)^(-alpha/2)``.
+    """CVR: ``|W_ij| * A_j^(p/2) * (sigma^2_W + eps)^(-alpha/2)`` with ``A = Var(x)`` (or the second
+    moment ``E[x^2]``) and ``p = activation_power``; the paper's formula is ``Var(x)^(1/4)``.
 
     The activation term damps outlier channels relative to Wanda's norm; the dispersion term measures
-    each weight in units of its group's spread (column j, or row i with ``axis="row"``).
+    each weight in units of its group's spread (column j, or row i with ``axis="row"``). With
+    ``A = E[x^2]``, ``p = 1`` and ``alpha = 0`` the score ranks like Wanda's, so the parameters span the
+    path between the two.
     """
     w = _abs32(weight)
-    act = stats.variance.pow(0.25).to(weight.device, torch.float32)[None, :]
+    if activation_stat == "variance":
+        a = stats.variance
+    elif activation_stat == "second_moment":
+        a = stats.second_moment
+    else:
+        raise ValueError(f"activation_stat must be 'variance' or 'second_moment', got {activation_stat!r}")
+    act = a.pow(activation_power / 2).to(weight.device, torch.float32)[None, :]
     disp = (weight_dispersion(weight, axis) + eps).pow(-alpha / 2)
     disp = disp[None, :] if axis == "column" else disp[:, None]
     return w * act * disp
@@ -71,5 +82,8 @@ def layer_scores(method: str, weight: torch.Tensor, stats: ChannelStats | None, 
     if method == "ria":
         return ria_score(weight, stats, config.ria_power)
     if method in ("cvr", "statprune"):
-        return cvr_score(weight, stats, config.alpha, config.eps, config.weight_stat_axis)
+        return cvr_score(
+            weight, stats, config.resolve("alpha"), config.eps, config.resolve("weight_stat_axis"),
+            config.resolve("activation_stat"), config.resolve("activation_power"),
+        )
     raise ValueError(f"unknown scoring method {method!r}")

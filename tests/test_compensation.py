@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -349,16 +350,47 @@ def test_compensate_without_sample_records_no_errors():
         _close(res.weight, ref_ec(w0.tolist(), mask.tolist(), "column,row", True, 1.0, 2.0))
 
 
-def test_compensate_lsq_matches_reference_on_the_subsample():
+def test_compensate_lsq_fits_on_even_rows_and_is_judged_on_odd_rows():
     w0, mask, _, stats = _setup(sample=24)
-    res = compensate(w0, mask, "lsq", stats, safety_check=True)
+    res = compensate(w0, mask, "lsq", stats, safety_check=False)
     wp = (w0 * mask).tolist()
-    s = ref_lsq(w0.tolist(), wp, stats.sample.tolist())
+    sample = stats.sample.tolist()
+    fit, held_out = sample[0::2], sample[1::2]
+    s = ref_lsq(w0.tolist(), wp, fit)
     expected = [[wp[i][j] * s[i] for j in range(w0.shape[1])] for i in range(w0.shape[0])]
     _close(res.weight, expected)
-    # In-sample, the least-squares scale cannot raise the error, so the safety check keeps it.
     assert res.record["applied"] is True
-    assert res.record["error_compensated"] <= res.record["error_none"]
+    assert res.record["error_none"] == pytest.approx(ref_output_error(w0.tolist(), wp, held_out), rel=1e-4)
+    assert res.record["error_compensated"] == pytest.approx(
+        ref_output_error(w0.tolist(), expected, held_out), rel=1e-4
+    )
+
+
+def test_lsq_safety_check_can_reject_on_held_out_rows():
+    # Odd rows lie in the null space of (w0 - pruned): there the pruned layer is already exact, so any
+    # scale fitted on the (ordinary) even rows raises the held-out error and must be refused.
+    w0, mask, x, _ = _setup(sample=0)
+    diff = w0 - w0 * mask
+    null = torch.linalg.svd(diff, full_matrices=True).Vh[diff.shape[0]:]  # [d_in - d_out, d_in]
+    rows = [x[k] if k % 2 == 0 else null[(k // 2) % null.shape[0]] * (1 + k) for k in range(16)]
+    stats = SimpleNamespace(sample=torch.stack(rows))
+    res = compensate(w0, mask, "lsq", stats, safety_check=True)
+    assert res.record["error_none"] == pytest.approx(0.0, abs=1e-8)
+    assert res.record["error_compensated"] > 1e-6
+    assert res.record["applied"] is False
+    assert torch.equal(res.weight, (w0 * mask).float())
+
+
+@pytest.mark.parametrize("kind", ["ec", "ec-activation", "lsq", "bias"])
+def test_shrink_moves_the_correction_part_of_the_way(kind):
+    w0, mask, _, stats = _setup(mean=2.0)
+    full = compensate(w0, mask, kind, stats, has_bias=True)
+    half = compensate(w0, mask, kind, stats, has_bias=True, shrink=0.25)
+    pruned = (w0 * mask).float()
+    _close(half.weight, (pruned + 0.25 * (full.weight - pruned)).tolist())
+    assert torch.equal(half.weight != 0, full.weight != 0)  # never revives a weight
+    if full.bias_delta is not None:
+        _close(half.bias_delta, (0.25 * full.bias_delta).tolist())
 
 
 def test_safety_check_rejects_a_compensation_that_raises_the_error():

@@ -59,7 +59,6 @@ BAD_VALUES = [
     ("alpha", NAN),
     ("alpha", INF),
     ("alpha", "1"),
-    ("alpha", None),
     ("alpha", True),
     ("eps", 0),
     ("eps", 0.0),
@@ -75,7 +74,21 @@ BAD_VALUES = [
     ("ria_power", True),
     ("weight_stat_axis", "col"),
     ("weight_stat_axis", "layer"),
-    ("weight_stat_axis", None),
+    ("activation_stat", "var"),
+    ("activation_stat", "mean"),
+    ("activation_stat", 0),
+    ("activation_power", -0.5),
+    ("activation_power", NAN),
+    ("activation_power", "0.5"),
+    ("activation_power", True),
+    ("compensation_shrink", 0),
+    ("compensation_shrink", 1.5),
+    ("compensation_shrink", -0.1),
+    ("compensation_shrink", NAN),
+    ("compensation_shrink", "0.5"),
+    ("safety_scope", "model"),
+    ("safety_scope", ""),
+    ("safety_scope", True),
     ("compensation", "EC"),
     ("compensation", "sparsegpt"),
     ("compensation", ""),
@@ -234,6 +247,17 @@ def test_derived_values():
     assert math.isclose(StatPruneConfig(pattern="1:3").effective_sparsity, 2 / 3)
 
 
+def test_cvr_preset_is_the_papers_formula_and_user_values_win():
+    cvr = StatPruneConfig(method="cvr")
+    assert cvr.alpha is None and cvr.activation_power is None
+    resolved = cvr.resolved()
+    assert (resolved["alpha"], resolved["activation_stat"], resolved["activation_power"], resolved["weight_stat_axis"]) == (
+        1.0, "variance", 0.5, "column")
+    assert resolved["compensation"] == "none" and resolved["compensation_shrink"] == 1.0
+    assert StatPruneConfig(method="cvr", alpha=0.25).resolve("alpha") == 0.25
+    assert StatPruneConfig(method="wanda").resolve("safety_scope") == "layer"
+
+
 def test_preset_resolution():
     cfg = StatPruneConfig()  # method="statprune", compensation/safety left at None
     assert cfg.compensation is None and cfg.safety_check is None
@@ -279,6 +303,10 @@ NON_DEFAULT = {
     "alpha": 0.5,
     "eps": 1e-6,
     "weight_stat_axis": "row",
+    "activation_stat": "second_moment",
+    "activation_power": 1.0,
+    "compensation_shrink": 0.5,
+    "safety_scope": "block",
     "ria_power": 0.75,
     "compensation": "ec",
     "safety_check": True,

@@ -317,6 +317,44 @@ def test_owl_redistributes_sparsity_with_the_uniform_total():
     assert pruner.manifest()["owl"]["block_sparsity"] == owl["block_sparsity"]
 
 
+def test_block_safety_check_undoes_a_compensation_that_hurts_the_block():
+    ids = token_ids(8, 16, seed=3)
+    runs = {}
+    for name, extra in (("none", {"compensation": "none"}),
+                        ("checked", {"compensation": "ec", "ec_clamp": (3.0, 3.0), "safety_check": True,
+                                     "safety_scope": "block"})):
+        model = build("llama", seed=5)
+        pruner = StatPruner.from_pretrained(model, config=StatPruneConfig(batch_size=4, **extra), device="cpu")
+        pruner.prune(ids, progress=False)
+        runs[name] = (model, pruner.report.layers)
+    model, records = runs["checked"]
+    for rec in records:  # multiplying every survivor by 9 cannot help any block
+        check = rec["compensation"]["block_check"]
+        assert check["error_compensated"] > check["error_none"] and rec["compensation"]["applied"] is False
+    for (k, a), b in zip(runs["none"][0].state_dict().items(), model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+
+
+def test_block_safety_check_keeps_the_better_of_the_two():
+    ids = token_ids(8, 16, seed=6)
+    dense = build("llama", seed=7)
+    model = build("llama", seed=7)
+    config = StatPruneConfig(compensation="lsq", safety_check=True, safety_scope="block", batch_size=4)
+    pruner = StatPruner.from_pretrained(model, config=config, device="cpu")
+    pruner.prune(ids, progress=False)
+    first = [r for r in pruner.report.layers if r["name"].startswith("model.layers.0.")]
+    check = first[0]["compensation"]["block_check"]
+    assert all(r["compensation"]["block_check"] == check for r in first)
+    assert check["error_compensated"] != check["error_none"]
+    with torch.no_grad():  # block 0 sees the same inputs in both models: its error is the kept one's
+        out = model(ids[:4], output_hidden_states=True).hidden_states[1]
+        ref = dense(ids[:4], output_hidden_states=True).hidden_states[1]
+    error = float((out.float() - ref.float()).square().sum())
+    assert error == pytest.approx(min(check["error_none"], check["error_compensated"]), rel=1e-4)
+    applied = check["error_compensated"] < check["error_none"]
+    assert all(r["compensation"]["applied"] is applied for r in first)
+
+
 def test_sparsegpt_lowers_block_output_error_below_wanda():
     ids = token_ids(16, 32, seed=2)
     dense = build("llama", seed=4)

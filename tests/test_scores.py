@@ -77,7 +77,11 @@ def ref_ria(w, x, power):
     return out
 
 
-def ref_cvr(w, x, alpha, eps, axis):
+def _col_m2(x, j):
+    return sum(x[t][j] ** 2 for t in range(len(x))) / len(x)
+
+
+def ref_cvr(w, x, alpha, eps, axis, stat="variance", power=0.5):
     d_out, d_in = len(w), len(w[0])
     out = [[0.0] * d_in for _ in range(d_out)]
     for i in range(d_out):
@@ -86,7 +90,8 @@ def ref_cvr(w, x, alpha, eps, axis):
             group = [w[k][j] for k in range(d_out)] if axis == "column" else [w[i][k] for k in range(d_in)]
             gm = sum(group) / len(group)
             sigma2 = sum((v - gm) ** 2 for v in group) / len(group)
-            out[i][j] = abs(w[i][j]) * _col_var(x, j) ** 0.25 * (sigma2 + eps) ** (-alpha / 2)
+            a = _col_var(x, j) if stat == "variance" else _col_m2(x, j)
+            out[i][j] = abs(w[i][j]) * a ** (power / 2) * (sigma2 + eps) ** (-alpha / 2)
     return out
 
 
@@ -145,6 +150,28 @@ def test_cvr(alpha, eps, axis):
         ref_cvr(w.tolist(), x.tolist(), alpha, eps, axis),
         rtol=1e-5,
     )
+
+
+@pytest.mark.parametrize("stat", ["variance", "second_moment"])
+@pytest.mark.parametrize("power", [0.0, 0.5, 1.0, 1.5])
+def test_cvr_activation_statistic_and_power(stat, power):
+    w, x = _weight(9), _tokens(10)
+    _close(
+        cvr_score(w, _stats(x), 0.5, 1e-8, "column", stat, power),
+        ref_cvr(w.tolist(), x.tolist(), 0.5, 1e-8, "column", stat, power),
+        rtol=1e-5,
+    )
+
+
+def test_cvr_second_moment_power_one_alpha_zero_is_wanda_up_to_a_constant():
+    w, x = _weight(11), _tokens(12)
+    ratio = cvr_score(w, _stats(x), 0.0, 1e-8, "column", "second_moment", 1.0) / wanda_score(w, _stats(x))
+    torch.testing.assert_close(ratio, torch.full_like(ratio, 1 / math.sqrt(x.shape[0])), rtol=1e-5, atol=0)
+
+
+def test_cvr_rejects_an_unknown_activation_statistic():
+    with pytest.raises(ValueError, match="activation_stat"):
+        cvr_score(_weight(), _stats(_tokens()), activation_stat="mean")
 
 
 def test_cvr_defaults_are_alpha_one_eps_1e8_column():
@@ -217,16 +244,23 @@ def test_scores_do_not_modify_weight():
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "ria", "cvr", "statprune"])
 def test_layer_scores_dispatch(method):
     w, x = _weight(20), _tokens(21)
-    cfg = StatPruneConfig(method=method, alpha=0.7, eps=1e-3, weight_stat_axis="row", ria_power=0.8)
+    cfg = StatPruneConfig(method=method, alpha=0.7, eps=1e-3, weight_stat_axis="row", ria_power=0.8,
+                          activation_stat="second_moment", activation_power=0.8)
     wl, xl = w.tolist(), x.tolist()
     expected = {
         "magnitude": ref_magnitude(wl),
         "wanda": ref_wanda(wl, xl),
         "ria": ref_ria(wl, xl, 0.8),
-        "cvr": ref_cvr(wl, xl, 0.7, 1e-3, "row"),
-        "statprune": ref_cvr(wl, xl, 0.7, 1e-3, "row"),
+        "cvr": ref_cvr(wl, xl, 0.7, 1e-3, "row", "second_moment", 0.8),
+        "statprune": ref_cvr(wl, xl, 0.7, 1e-3, "row", "second_moment", 0.8),
     }[method]
     _close(layer_scores(method, w, _stats(x), cfg), expected, rtol=1e-5)
+
+
+def test_cvr_method_defaults_are_the_papers_formula():
+    w, x = _weight(22), _tokens(23)
+    _close(layer_scores("cvr", w, _stats(x), StatPruneConfig(method="cvr")),
+           ref_cvr(w.tolist(), x.tolist(), 1.0, 1e-8, "column", "variance", 0.5), rtol=1e-5)
 
 
 def test_layer_scores_unknown_method():
