@@ -2,11 +2,14 @@
 
     python benchmarks/quality.py --json quality.json                # every method x 50%, 4:8, 2:4
     python benchmarks/quality.py --runs '[{"method": "cvr", "alpha": 0.5}]' --patterns unstructured
+    python benchmarks/quality.py --peer-python /work/peer-venv/bin/python ...  # + llmcompressor, same tokens
 
 Calibration: 64 windows of 512 tokens at random offsets (seed 0) of the Lee corpus; evaluation: the
 first 64 non-overlapping 512-token windows of the Wikipedia excerpt; perplexity = exp(mean token NLL).
 The token ids can be given as safetensors files (``--calibration-tokens``/``--eval-tokens``, key
 ``input_ids``) so a machine without the corpora or the tokenizer measures the very same tokens.
+With ``--peer-python`` the peer (llmcompressor, in its own environment: benchmarks/README-peer.md)
+prunes the same model with Wanda and SparseGPT on the same token ids at every pattern.
 Prints a markdown table (perplexity, achieved sparsity, pruning seconds) and writes JSON.
 """
 
@@ -14,6 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,13 +30,15 @@ DEFAULT_RUNS = [
     {"method": "wanda"},
     {"method": "ria"},
     {"method": "sparsegpt"},
+    {"method": "sparsegpt", "group": "layer"},  # llmcompressor's grouping, for the peer check
     {"method": "cvr"},
     {"method": "cvr", "compensation": "ec"},
     {"method": "cvr", "compensation": "ec-activation"},
     {"method": "cvr", "compensation": "lsq"},
-    {"method": "cvr", "compensation": "bias"},
+    {"method": "cvr", "compensation": "bias", "add_bias": True},
     {"method": "statprune"},
 ]
+PEER_METHODS = ("wanda", "sparsegpt")
 
 
 def load_model(args):
@@ -42,6 +50,14 @@ def load_model(args):
 
     directory, gguf_file = smollm2_gguf()
     return AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=torch.float32)
+
+
+def restore(model, dense: dict) -> None:
+    """Dense weights back, and biases that bias compensation added (``add_bias``) removed."""
+    for name, module in model.named_modules():
+        if getattr(module, "bias", None) is not None and f"{name}.bias" not in dense:
+            module.bias = None
+    model.load_state_dict(dense)
 
 
 def load_tokens(args):
@@ -60,6 +76,33 @@ def load_tokens(args):
     calib = calibration_windows(corpus_text("lee-background"), tok, args.nsamples, args.seqlen, args.seed)
     evaluation = evaluation_windows(corpus_text("enwiki-excerpt"), tok, args.seqlen, args.eval_windows)
     return calib, evaluation
+
+
+def model_source(args) -> tuple[str, str | None]:
+    if args.model:
+        return args.model, args.gguf_file
+    from optimum_statprune.packaged import smollm2_gguf
+
+    return smollm2_gguf()
+
+
+def run_peer(args, method: str, pattern: str, calib_file: str, eval_file: str, work: Path) -> dict:
+    """llmcompressor's ``method`` on the same model and token files, in its own interpreter."""
+    directory, gguf_file = model_source(args)
+    out = work / f"peer-{method}-{pattern.replace(':', '-')}.json"
+    cmd = [args.peer_python, str(Path(__file__).with_name("peer_llmcompressor.py")), "--model", directory,
+           "--method", method, "--sparsity", str(args.sparsity), "--pattern", pattern, "--calibration", calib_file,
+           "--eval", eval_file, "--device", args.device, "--dtype", "float32", "--json", str(out),
+           "--eval-batch-size", str(args.batch_size)]
+    if gguf_file:
+        cmd += ["--gguf-file", gguf_file]
+    env = dict(os.environ)
+    if args.peer_path:
+        env["PYTHONPATH"] = args.peer_path
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0 or not out.exists():
+        return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]}
+    return json.loads(out.read_text())
 
 
 def main() -> None:
@@ -81,10 +124,22 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--json", default=None)
+    p.add_argument("--peer-python", default=None, help="python of the llmcompressor environment")
+    p.add_argument("--peer-path", default=None, help="PYTHONPATH for the peer (e.g. unpacked wheels)")
     args = p.parse_args()
 
     model = load_model(args).eval()
     calib, evaluation = load_tokens(args)
+    work = Path(tempfile.mkdtemp(prefix="statprune-quality-"))
+    if args.peer_python:
+        from safetensors.torch import save_file
+
+        calib_file = args.calibration_tokens or str(work / "calib.safetensors")
+        eval_file = args.eval_tokens or str(work / "eval.safetensors")
+        if not args.calibration_tokens:
+            save_file({"input_ids": calib.contiguous()}, calib_file)
+        if not args.eval_tokens:
+            save_file({"input_ids": evaluation.contiguous()}, eval_file)
     dense = {k: v.clone() for k, v in model.state_dict().items()}
     model.to(args.device)
     rows = [{"run": "dense", "pattern": "-", "ppl": perplexity(model, evaluation, args.batch_size, disable_progress=True)}]
@@ -93,7 +148,7 @@ def main() -> None:
     runs = json.loads(args.runs) if args.runs else DEFAULT_RUNS
     for pattern in args.patterns.split(","):
         for overrides in runs:
-            model.load_state_dict(dense)
+            restore(model, dense)
             try:
                 config = StatPruneConfig(sparsity=args.sparsity, pattern=pattern, nsamples=calib.shape[0],
                                          seqlen=calib.shape[1], seed=args.seed, batch_size=args.batch_size,
@@ -115,17 +170,28 @@ def main() -> None:
             rows.append({"run": overrides, "pattern": pattern, "ppl": ppl, "sparsity": sparsity, "seconds": seconds,
                          "compensation_kept": f"{sum(bool(a) for a in applied)}/{len(applied)}" if applied else ""})
             print(json.dumps(rows[-1]), flush=True)
+        for method in PEER_METHODS if args.peer_python else ():
+            result = run_peer(args, method, pattern, calib_file, eval_file, work)
+            name = f"llmcompressor {result.get('tool_version', '')} {method}".replace("  ", " ")
+            if "error" in result:
+                rows.append({"run": name, "pattern": pattern, "error": result["error"]})
+            else:
+                rows.append({"run": name, "pattern": pattern, "ppl": result["perplexity"], "sparsity": result["sparsity"],
+                             "seconds": result["pruning_s"], "compensation_kept": ""})
+            print(json.dumps(rows[-1]), flush=True)
 
-    print("\n| run | pattern | perplexity | sparsity | pruning s | compensation kept |")
-    print("|---|---|---|---|---|---|")
+    wanda = {r["pattern"]: r["ppl"] for r in rows if r["run"] == {"method": "wanda"} and "ppl" in r}
+    print("\n| run | pattern | perplexity | vs our Wanda | sparsity | pruning s | compensation kept |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         name = r["run"] if isinstance(r["run"], str) else ", ".join(f"{k}={v}" for k, v in r["run"].items())
         if "error" in r:
-            print(f"| {name} | {r['pattern']} | error: {r['error']} | | | |")
+            print(f"| {name} | {r['pattern']} | error: {r['error']} | | | | |")
             continue
+        rel = f"{r['ppl'] / wanda[r['pattern']] - 1:+.1%}" if r["pattern"] in wanda else ""
         sp = f"{r['sparsity']:.4f}" if "sparsity" in r else ""
         sec = f"{r['seconds']:.1f}" if "seconds" in r else ""
-        print(f"| {name} | {r['pattern']} | {r['ppl']:.2f} | {sp} | {sec} | {r.get('compensation_kept', '')} |")
+        print(f"| {name} | {r['pattern']} | {r['ppl']:.2f} | {rel} | {sp} | {sec} | {r.get('compensation_kept', '')} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
 
