@@ -163,6 +163,11 @@ def score_part(o: dict) -> dict:
     return {k: v for k, v in o.items() if k in SCORE_FIELDS}
 
 
+OWL_MIN_GAIN = 0.02
+"""OWL joins the preset only if it lowers perplexity by this much: its dense pre-pass reads and runs
+every block a second time, and on a 7B model the run is bound by reading blocks (docs/performance.md)."""
+
+
 def combine(s: Sweep, ex: dict) -> dict:
     wanda = ppl(s.run("explore", {"method": "wanda"}))
     best_score = score_part(best(ex["scores"])["overrides"])
@@ -178,11 +183,13 @@ def combine(s: Sweep, ex: dict) -> dict:
     candidates = [s.run("combine", best_score, label="best score")] if score_ppl < math.inf else []
     for c in comps:
         candidates.append(s.run("combine", {**best_score, **c}, label="best score + compensation"))
+    chosen = best(candidates)
     if owl:
-        candidates.append(s.run("combine", {**best_score, **owl}, label="best score + OWL"))
-        for c in comps[:1]:
-            candidates.append(s.run("combine", {**best_score, **c, **owl}, label="best score + compensation + OWL"))
-    return best([r for r in candidates if r.get("overrides", {}).get("method") == "cvr"] or candidates)
+        s.run("combine", {**best_score, **owl}, label="best score + OWL")
+        with_owl = s.run("combine", {**chosen["overrides"], **owl}, label="best + OWL")
+        if ppl(with_owl) < ppl(chosen) * (1 - OWL_MIN_GAIN):
+            chosen = with_owl
+    return chosen
 
 
 def variations(preset: dict) -> list[tuple[str, dict]]:
@@ -200,6 +207,17 @@ def variations(preset: dict) -> list[tuple[str, dict]]:
     out.append(("compensation", {**base, "compensation": "none"}))
     for c in COMPENSATIONS[:1] + COMPENSATIONS[7:12]:
         out.append(("compensation", {**base, **c}))
+    check = {k: v for k, v in preset.items() if k in ("safety_check", "safety_scope")}
+    if check:
+        for c in (COMPENSATIONS[7], COMPENSATIONS[8], COMPENSATIONS[10]):
+            out.append(("compensation", {**base, **c, **check}))
+    if preset.get("compensation") == "ec":
+        for steps in ("column", "row", "column,row", "row,column"):
+            out.append(("ec_steps", {**preset, "ec_steps": steps}))
+        for clamp in ((1.0, 1.5), (1.0, 2.0), (1.0, 4.0), (0.5, 2.0)):
+            out.append(("ec_clamp", {**preset, "ec_clamp": clamp}))
+        for centered in (True, False):
+            out.append(("ec_centered", {**preset, "ec_centered": centered}))
     if preset.get("compensation", "none") != "none":
         comp = {k: v for k, v in preset.items() if k not in ("safety_check", "safety_scope")}
         out.append(("safety_check", {**comp, "safety_check": False}))
@@ -258,14 +276,19 @@ def sensitivity_table(rows: list[dict], preset_ppl: float) -> list[str]:
 
 
 def _changed(o: dict, name: str) -> str:
+    if name == "compensation":
+        extra = []
+        if "compensation_shrink" in o:
+            extra.append(f"shrink {o['compensation_shrink']}")
+        if o.get("safety_check"):
+            extra.append(f"{o.get('safety_scope', 'layer')} check")
+        return o.get("compensation", "none") + (f" ({', '.join(extra)})" if extra else "")
     if name in o:
         return str(o[name])
     if name == "owl":
         return "off" if not o.get("owl") else f"on (λ={o.get('owl_lambda')}, M={o.get('owl_threshold')})"
     if name == "safety_check":
         return "off" if not o.get("safety_check") else o.get("safety_scope", "layer")
-    if name == "compensation":
-        return "none"
     return "?"
 
 

@@ -28,7 +28,16 @@ _PATTERN_RE = re.compile(r"^(\d+):(\d+)$")
 # (docs/results.md, benchmarks/sweep.py).
 PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
     "cvr": {},
-    "statprune": {"compensation": "lsq", "safety_check": True},
+    # protocol A, 50% unstructured: 50.95 against Wanda's 52.32 and SparseGPT's 49.96 (docs/results.md)
+    "statprune": {
+        "alpha": 0.5,
+        "activation_stat": "second_moment",
+        "activation_power": 1.0,
+        "weight_stat_axis": "column",
+        "compensation": "ec",
+        "safety_check": True,
+        "safety_scope": "layer",
+    },
 }
 GENERAL_DEFAULTS: dict[str, Any] = {
     "alpha": 1.0,
