@@ -28,13 +28,13 @@ _PATTERN_RE = re.compile(r"^(\d+):(\d+)$")
 # (docs/results.md, benchmarks/sweep.py).
 PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
     "cvr": {},
-    # protocol A, 50% unstructured: 50.95 against Wanda's 52.32 and SparseGPT's 49.96 (docs/results.md)
+    # protocol A, 50% unstructured: 50.74 against Wanda's 52.32 and SparseGPT's 49.96 (docs/results.md)
     "statprune": {
         "alpha": 0.5,
         "activation_stat": "second_moment",
         "activation_power": 1.0,
         "weight_stat_axis": "column",
-        "compensation": "ec",
+        "compensation": "ec-activation",
         "safety_check": True,
         "safety_scope": "layer",
     },

@@ -261,10 +261,10 @@ def test_cvr_preset_is_the_papers_formula_and_user_values_win():
 def test_preset_resolution():
     cfg = StatPruneConfig()  # method="statprune", compensation/safety left at None
     assert cfg.compensation is None and cfg.safety_check is None
-    assert cfg.resolved_compensation() == "ec"
+    assert cfg.resolved_compensation() == "ec-activation"
     assert cfg.resolved_safety_check() is True
     resolved = cfg.resolved()
-    assert resolved["compensation"] == "ec" and resolved["safety_check"] is True
+    assert resolved["compensation"] == "ec-activation" and resolved["safety_check"] is True
     assert (resolved["alpha"], resolved["activation_stat"], resolved["activation_power"]) == (0.5, "second_moment", 1.0)
     # The saved dict records what the user asked for, not the preset.
     assert cfg.to_dict()["compensation"] is None

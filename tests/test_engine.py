@@ -204,7 +204,7 @@ def test_save_reloads_with_identical_logits_and_manifest(tmp_path):
         assert torch.equal(reloaded(ids).logits, model(ids).logits)
     manifest = json.loads((out / MANIFEST_NAME).read_text())
     assert manifest["schema_version"] == 1
-    assert manifest["config"]["compensation"] == "ec" and manifest["config"]["safety_check"] is True
+    assert manifest["config"]["compensation"] == "ec-activation" and manifest["config"]["safety_check"] is True
     assert manifest["config"]["alpha"] == 0.5 and manifest["config"]["activation_stat"] == "second_moment"
     assert manifest["versions"]["torch"] and manifest["versions"]["transformers"]
     cal = manifest["calibration"]
@@ -215,7 +215,7 @@ def test_save_reloads_with_identical_logits_and_manifest(tmp_path):
         assert tensor_sha256(tensors[rec["tensor"]]) == rec["sha256"]
         assert rec["sparsity"] == 0.5 and rec["shape"] == list(tensors[rec["tensor"]].shape)
         comp = rec["compensation"]
-        assert comp["kind"] == "ec" and {"error_none", "error_compensated", "applied"} <= set(comp)
+        assert comp["kind"] == "ec-activation" and {"error_none", "error_compensated", "applied"} <= set(comp)
         assert comp["applied"] == (comp["error_compensated"] < comp["error_none"])
 
 
