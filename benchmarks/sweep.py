@@ -66,7 +66,10 @@ class Sweep:
         self.args = args
         self.state_path = Path(args.state)
         self.rows: list[dict] = json.loads(self.state_path.read_text())["rows"] if self.state_path.exists() else []
-        self.done = {key(r["overrides"], r["pattern"], r["sparsity_target"]): r for r in self.rows}
+        self.done = {
+            "dense" if r["stage"] == "dense" else key(r["overrides"], r["pattern"], r["sparsity_target"]): r
+            for r in self.rows
+        }
         self.model = None
 
     def _load(self):
@@ -301,6 +304,8 @@ def sensitivity_table(rows: list[dict], preset_ppl: float) -> list[str]:
 
 
 def _changed(o: dict, name: str) -> str:
+    if name == "safety_check":
+        return "off" if not o.get("safety_check") else o.get("safety_scope", "layer")
     if name == "compensation":
         extra = []
         if "compensation_shrink" in o:
@@ -312,8 +317,6 @@ def _changed(o: dict, name: str) -> str:
         return str(o[name])
     if name == "owl":
         return "off" if not o.get("owl") else f"on (λ={o.get('owl_lambda')}, M={o.get('owl_threshold')})"
-    if name == "safety_check":
-        return "off" if not o.get("safety_check") else o.get("safety_scope", "layer")
     return "?"
 
 
@@ -366,7 +369,7 @@ def main() -> None:
     for sparsity, rows in ((0.5, sens50), (0.6, sens60)):
         if rows:
             base = ppl(next(r for r in rows if r["parameter"] == "preset"))
-            print(f"\nSensitivity at {sparsity:.0%} unstructured (preset {base:.2f}):\n")
+            print(f"\nSensitivity at {sparsity:.0%} unstructured, around the stage-2 preset ({base:.2f}):\n")
             print("\n".join(sensitivity_table(rows, base)))
 
 
