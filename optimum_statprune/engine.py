@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import offload
 from .compensation import compensate
 from .config import StatPruneConfig
 from .masks import make_mask
@@ -603,15 +604,21 @@ def prune_model(
     live between blocks ("device", "host", or "auto" by free GPU memory)."""
     device = torch.device(device) if device is not None else default_device()
     blocks_path, block_list = find_blocks(model, blocks)
+    # A model dispatched by accelerate (device_map with "cpu"/"disk") keeps offloaded weights in its hooks'
+    # weights maps: place them from there, write pruned ones back there, hooks off meanwhile.
+    dispatched = offload.is_dispatched(model)
+    store = offload.OffloadedBlockStore(block_list, model, blocks_path) if dispatched else ModelBlockStore(block_list)
     was_training = model.training
     model.eval()
     try:
-        if config.needs_activations:
-            on_host = choose_placement(activations, batches, _hidden_size(model), model.dtype, device)
-            inputs = capture_block_inputs(model, blocks_path, block_list, batches, device, on_host)
-        else:
-            inputs = BlockInputs([], False, [], [], [])
-        return prune_blocks(ModelBlockStore(block_list), len(block_list), blocks_path, inputs, config, device, progress)
+        with offload.hooks_disabled(model) if dispatched else contextlib.nullcontext():
+            if config.needs_activations:
+                on_host = choose_placement(activations, batches, _hidden_size(model), model.dtype, device)
+                with offload.onloaded_outside(model, blocks_path, device) if dispatched else contextlib.nullcontext():
+                    inputs = capture_block_inputs(model, blocks_path, block_list, batches, device, on_host)
+            else:
+                inputs = BlockInputs([], False, [], [], [])
+            return prune_blocks(store, len(block_list), blocks_path, inputs, config, device, progress)
     finally:
         model.train(was_training)
 

@@ -24,6 +24,7 @@ from .manifest import (
     write_manifest,
 )
 from .models import find_blocks, find_targets
+from .offload import stored_weight
 
 logger = logging.getLogger(__name__)
 
@@ -234,7 +235,7 @@ class StatPruner(OptimumQuantizer):
             rec = dict(rec)
             t = targets[rec["name"]]
             rec["tensor"] = t.state_key if t.state_key in params else None
-            rec["sha256"] = tensor_sha256(t.stored())
+            rec["sha256"] = tensor_sha256(stored_weight(self.model, t))  # offloaded: from the weights map
             layers.append(rec)
         info = {
             "name_or_path": getattr(self.model.config, "_name_or_path", None),
