@@ -13,6 +13,7 @@ import torch
 from optimum.quantization_base import OptimumQuantizer
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from .biases import declare_added_biases
 from .config import StatPruneConfig
 from .engine import CalibrationBatch, PruneReport, default_device, iter_batches, prune_model
 from .manifest import (
@@ -187,8 +188,13 @@ class StatPruner(OptimumQuantizer):
             output = Path(output_dir)
             if output.exists() and any(output.iterdir()) and not overwrite:
                 raise FileExistsError(f"{output} is not empty; choose another directory or pass overwrite=True")
-        batches = self._batches(calibration)
         checkpoint = self._checkpoint_dir() if output_dir is not None else None
+        if checkpoint is not None and self.config.add_bias and self.config.resolved_compensation() == "bias":
+            raise ValueError(
+                "bias compensation with add_bias=True is not available when streaming to output_dir (shards "
+                "are written before every block's biases are known); prune in memory, then save_pretrained"
+            )
+        batches = self._batches(calibration)
         if checkpoint is not None:
             from .streaming import prune_checkpoint
 
@@ -286,6 +292,7 @@ class StatPruner(OptimumQuantizer):
         save_dir = Path(save_dir)
         if save_dir.exists() and any(save_dir.iterdir()) and not overwrite:
             raise FileExistsError(f"{save_dir} is not empty; choose another directory or pass overwrite=True")
+        declare_added_biases(self.model)
         manifest = self.manifest()
         save_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{save_dir.name}.tmp-", dir=save_dir.parent))
