@@ -179,9 +179,13 @@ def main(argv=None) -> dict:
     if datasets_stub and args.feed == "dataset":
         raise SystemExit("--feed dataset needs the `datasets` package; use --feed dataloader")
 
-    import llmcompressor
-    from llmcompressor import oneshot
-    from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
+    try:
+        import llmcompressor
+        from llmcompressor import oneshot
+        from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
+    except ImportError as e:  # one line that says what is missing and where it was looked for
+        raise SystemExit(f"cannot import llmcompressor: {type(e).__name__}: {e} "
+                         f"(PYTHONPATH={os.environ.get('PYTHONPATH', '')!r}, python {sys.version.split()[0]})") from e
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():

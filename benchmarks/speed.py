@@ -7,6 +7,15 @@ Each run is a fresh subprocess, so peak host RSS (ru_maxrss) and peak GPU memory
 (torch.cuda.max_memory_allocated) belong to that run alone. End-to-end seconds cover
 load -> calibrate -> prune -> save, measured inside the process after imports. The peer
 (llmcompressor, its own environment) runs on the same checkpoint and the same token ids.
+
+``--methods io`` times the streaming I/O alone (magnitude's pipeline with the pruning step a no-op).
+A/B of the streaming I/O knobs in one run (variants alternate, each run a fresh process):
+
+    python benchmarks/speed.py --shapes llama2-7b --methods magnitude,wanda --variants "default;legacy" --repeats 2
+
+``legacy`` = ``prefetch=0,writer_threads=1,sync=inline`` (no prefetch, one writer, fsync per shard in the
+writer); any ``knob=value`` list of ``optimum_statprune.streaming``'s PREFETCH / WRITER_THREADS / SYNC works.
+``weights_digest`` (sha256 over the manifest's per-layer hashes) must agree across variants.
 """
 
 from __future__ import annotations
@@ -26,6 +35,9 @@ SHAPES = {
                       num_key_value_heads=32, vocab_size=32000),
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
+    # ~1.4 GB of fp16 weights in 12 blocks of 103 MB: for timing the streaming I/O on a CPU
+    "mid": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=12, num_attention_heads=16,
+                num_key_value_heads=16, vocab_size=32000),
     # a small shape for trying the script on a CPU
     "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=4, vocab_size=1000),
@@ -77,6 +89,26 @@ def write_tokens(path: Path, vocab: int, nsamples: int, seqlen: int) -> None:
     save_file({"input_ids": torch.randint(0, vocab, (nsamples, seqlen), generator=gen)}, path)
 
 
+VARIANTS = {"default": "", "legacy": "prefetch=0,writer_threads=1,sync=inline"}
+
+
+def _apply_knobs(spec: str) -> None:
+    """Set optimum_statprune.streaming's I/O defaults from "prefetch=0,writer_threads=1,sync=inline"."""
+    from optimum_statprune import streaming
+
+    for item in filter(None, VARIANTS.get(spec, spec).split(",")):
+        key, value = item.split("=")
+        key = key.strip().upper()
+        if key == "PREFETCH":
+            streaming.PREFETCH = value.strip().lower() in ("1", "true", "yes", "on")
+        elif key == "WRITER_THREADS":
+            streaming.WRITER_THREADS = None if value.strip() in ("", "auto", "none") else int(value)
+        elif key == "SYNC":
+            streaming.SYNC = value.strip()
+        else:
+            raise ValueError(f"unknown streaming knob {key!r}")
+
+
 def run_one(args: argparse.Namespace) -> dict:
     """One pruning run in this process (called in a subprocess by main)."""
     import torch
@@ -84,9 +116,18 @@ def run_one(args: argparse.Namespace) -> dict:
 
     from optimum_statprune import StatPruneConfig, StatPruner
 
+    if args.variant:
+        _apply_knobs(args.variant)
+    method = args.method
+    if method == "io":  # the streaming I/O floor: magnitude's pipeline with the pruning step a no-op
+        from optimum_statprune import engine
+
+        engine._prune_block = lambda *a, **k: []
+        method = "magnitude"
+
     ids = load_file(args.tokens)["input_ids"]
     start = time.perf_counter()
-    config = StatPruneConfig(method=args.method, sparsity=args.sparsity, pattern=args.pattern,
+    config = StatPruneConfig(method=method, sparsity=args.sparsity, pattern=args.pattern,
                              nsamples=ids.shape[0], seqlen=ids.shape[1], batch_size=args.batch_size)
     pruner = StatPruner.from_pretrained(args.model, config=config, device=args.device, dtype=torch.float16)
     pruner.prune(ids, output_dir=args.output, overwrite=True, progress=False)
@@ -106,14 +147,27 @@ def run_one(args: argparse.Namespace) -> dict:
         "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "sparsity": sum(r["sparsity"] * r["shape"][0] * r["shape"][1] for r in report.layers)
-        / sum(r["shape"][0] * r["shape"][1] for r in report.layers),
+        / sum(r["shape"][0] * r["shape"][1] for r in report.layers) if report.layers else None,
     }
+
+
+def _weights_digest(output: Path) -> str | None:
+    """sha256 over the manifest's per-layer sha256s: equal digests mean bit-identical pruned weights."""
+    import hashlib
+
+    manifest = output / "pruning_manifest.json"
+    if not manifest.is_file():
+        return None
+    layers = json.loads(manifest.read_text())["layers"]
+    return hashlib.sha256("".join(r.get("sha256", "") for r in layers).encode()).hexdigest()[:16]
 
 
 def _child(cmd: list[str], env: dict | None = None, timeout: int = 1800) -> dict:
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     if proc.returncode != 0:
-        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
+        err = proc.stderr.strip()
+        # the last line for the table, the traceback's end kept in the JSON rows
+        return {"error": err.splitlines()[-1] if err else f"exit {proc.returncode}", "stderr_tail": err[-3000:]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -133,6 +187,10 @@ def main() -> None:
     p.add_argument("--peer-path", default=None, help="PYTHONPATH for the peer (e.g. unpacked wheels)")
     p.add_argument("--peer-methods", default="wanda,sparsegpt")
     p.add_argument("--keep-outputs", action="store_true", help="keep the pruned checkpoints (disk!)")
+    p.add_argument("--variants", default="default",
+                   help='";"-separated streaming knob sets to compare, e.g. "default;legacy" (see the docstring)')
+    p.add_argument("--repeats", type=int, default=1, help="run every method x variant this many times, interleaved")
+    p.add_argument("--variant", default="", help=argparse.SUPPRESS)
     p.add_argument("--run-one", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--tokens", help=argparse.SUPPRESS)
@@ -152,16 +210,23 @@ def main() -> None:
         print(f"[{shape}] checkpoint ready in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
         tokens = work / f"tokens-{args.nsamples}x{args.seqlen}.safetensors"
         write_tokens(tokens, SHAPES[shape]["vocab_size"], args.nsamples, args.seqlen)
-        for method in args.methods.split(","):
-            cmd = [sys.executable, __file__, "--run-one", "--model", str(model_dir), "--tokens", str(tokens),
-                   "--output", str(work / f"out-{shape}-{method}"), "--method", method, "--pattern", args.pattern,
-                   "--sparsity", str(args.sparsity), "--batch-size", str(args.batch_size), "--device", args.device]
-            row = {"shape": shape, **_child(cmd)}
-            if not args.keep_outputs:
-                shutil.rmtree(work / f"out-{shape}-{method}", ignore_errors=True)
-            row.setdefault("method", method)
-            rows.append(row)
-            print(json.dumps(row), file=sys.stderr)
+        variants = args.variants.split(";")
+        for repeat in range(args.repeats):
+            for method in args.methods.split(","):
+                for variant in variants:
+                    cmd = [sys.executable, __file__, "--run-one", "--model", str(model_dir), "--tokens", str(tokens),
+                           "--output", str(work / f"out-{shape}-{method}"), "--method", method, "--pattern",
+                           args.pattern, "--sparsity", str(args.sparsity), "--batch-size", str(args.batch_size),
+                           "--device", args.device, "--variant", variant]
+                    row = {"shape": shape, **_child(cmd)}
+                    if "error" not in row:
+                        row["weights_digest"] = _weights_digest(work / f"out-{shape}-{method}")
+                    if not args.keep_outputs:
+                        shutil.rmtree(work / f"out-{shape}-{method}", ignore_errors=True)
+                    row.setdefault("method", method)
+                    row.update(variant=variant, repeat=repeat)
+                    rows.append(row)
+                    print(json.dumps(row), file=sys.stderr)
         if args.peer_python:
             env = dict(os.environ)
             if args.peer_path:
@@ -172,7 +237,7 @@ def main() -> None:
                        str(args.sparsity), "--pattern", args.pattern, "--calibration", str(tokens), "--device",
                        args.device, "--dtype", "float16", "--output", str(work / f"peer-{shape}-{method}"),
                        "--json", str(work / f"peer-{shape}-{method}.json")]
-                result = _child(cmd)
+                result = _child(cmd, env=env)  # env: --peer-path must reach the peer (it did not before)
                 if "error" not in result and (work / f"peer-{shape}-{method}.json").exists():
                     result = json.loads((work / f"peer-{shape}-{method}.json").read_text())
                 rows.append({"shape": shape, "tool": "llmcompressor", "method": method, **result})
@@ -180,8 +245,8 @@ def main() -> None:
                     shutil.rmtree(work / f"peer-{shape}-{method}", ignore_errors=True)
                 print(json.dumps(rows[-1]), file=sys.stderr)
 
-    cols = ["shape", "tool", "method", "end_to_end_s", "pruning_s", "block_s_first", "block_s_median",
-            "block_s_last", "peak_gpu_gib", "peak_rss_gib", "sparsity"]
+    cols = ["shape", "tool", "method", "variant", "end_to_end_s", "pruning_s", "block_s_first", "block_s_median",
+            "block_s_last", "peak_gpu_gib", "peak_rss_gib", "sparsity", "weights_digest"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in rows:
