@@ -86,7 +86,7 @@ FIELD_HELP: dict[str, str] = {
     "sparsity": "fraction of each targeted linear's weights to prune (unstructured; N:M implies 1-N/M)",
     "pattern": "'unstructured' or N:M such as 2:4 or 4:8 (N kept in every M inputs)",
     "group": "unstructured comparison group: per output 'row' (Wanda's) or the whole 'layer'",
-    "alpha": "CVR exponent on the weight-group dispersion (0: |W|*std(x)^0.5)",
+    "alpha": "CVR exponent on the weight-group dispersion (0: no dispersion term)",
     "eps": "CVR epsilon added to the weight-group variance",
     "weight_stat_axis": "CVR weight-dispersion group: per input 'column' or per output 'row'",
     "activation_stat": "CVR activation statistic A in A^(p/2): 'variance' (the paper's) or 'second_moment' (Wanda's)",
