@@ -171,6 +171,15 @@ def _child(cmd: list[str], env: dict | None = None, timeout: int = 1800) -> dict
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _emit(rows: list[dict], row: dict, jsonl: str | None) -> None:
+    """Keep a finished row, and append it to ``jsonl`` at once: a run cut off by a time limit keeps its rows."""
+    rows.append(row)
+    print(json.dumps(row), file=sys.stderr)
+    if jsonl:
+        with open(jsonl, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="llama2-7b")
@@ -183,6 +192,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda")
     p.add_argument("--workdir", default="/tmp/statprune-speed")
     p.add_argument("--json", default=None)
+    p.add_argument("--jsonl", default=None, help="append each row here as soon as it is measured")
     p.add_argument("--peer-python", default=None, help="python of the llmcompressor environment")
     p.add_argument("--peer-path", default=None, help="PYTHONPATH for the peer (e.g. unpacked wheels)")
     p.add_argument("--peer-methods", default="wanda,sparsegpt")
@@ -212,7 +222,7 @@ def main() -> None:
         write_tokens(tokens, SHAPES[shape]["vocab_size"], args.nsamples, args.seqlen)
         variants = args.variants.split(";")
         for repeat in range(args.repeats):
-            for method in args.methods.split(","):
+            for method in filter(None, args.methods.split(",")):
                 for variant in variants:
                     cmd = [sys.executable, __file__, "--run-one", "--model", str(model_dir), "--tokens", str(tokens),
                            "--output", str(work / f"out-{shape}-{method}"), "--method", method, "--pattern",
@@ -225,14 +235,13 @@ def main() -> None:
                         shutil.rmtree(work / f"out-{shape}-{method}", ignore_errors=True)
                     row.setdefault("method", method)
                     row.update(variant=variant, repeat=repeat)
-                    rows.append(row)
-                    print(json.dumps(row), file=sys.stderr)
+                    _emit(rows, row, args.jsonl)
         if args.peer_python:
             env = dict(os.environ)
             if args.peer_path:
                 env["PYTHONPATH"] = args.peer_path
             peer = Path(__file__).with_name("peer_llmcompressor.py")
-            for method in args.peer_methods.split(","):
+            for method in filter(None, args.peer_methods.split(",")):
                 cmd = [args.peer_python, str(peer), "--model", str(model_dir), "--method", method, "--sparsity",
                        str(args.sparsity), "--pattern", args.pattern, "--calibration", str(tokens), "--device",
                        args.device, "--dtype", "float16", "--output", str(work / f"peer-{shape}-{method}"),
@@ -240,10 +249,9 @@ def main() -> None:
                 result = _child(cmd, env=env)  # env: --peer-path must reach the peer (it did not before)
                 if "error" not in result and (work / f"peer-{shape}-{method}.json").exists():
                     result = json.loads((work / f"peer-{shape}-{method}.json").read_text())
-                rows.append({"shape": shape, "tool": "llmcompressor", "method": method, **result})
                 if not args.keep_outputs:
                     shutil.rmtree(work / f"peer-{shape}-{method}", ignore_errors=True)
-                print(json.dumps(rows[-1]), file=sys.stderr)
+                _emit(rows, {"shape": shape, "tool": "llmcompressor", "method": method, **result}, args.jsonl)
 
     cols = ["shape", "tool", "method", "variant", "end_to_end_s", "pruning_s", "block_s_first", "block_s_median",
             "block_s_last", "peak_gpu_gib", "peak_rss_gib", "sparsity", "weights_digest"]

@@ -213,20 +213,27 @@ def _sweep(
             left_row -= sel.sum(1)
             left_layer -= int(sel.sum())
 
+        # The loop below runs once per input column (thousands of times per layer), so it is written
+        # for few kernel launches: rows of err1^T are contiguous columns, the dropped-weight mask is a
+        # float multiplier, the rank-1 update is one addr_, and the losses are summed once per block.
         w1 = w[:, i1:i2].clone()
-        err1 = torch.zeros_like(w1)
+        err1t = torch.zeros(count, d_out, dtype=w.dtype, device=w.device)
+        dropf = None if nm is not None else pruned[:, i1:i2].T.to(w.dtype).contiguous()
+        hdiag1 = hinv1.diagonal()
         for i in range(count):
             if nm is not None and i % nm[1] == 0:
-                group_sal = _saliency(w1[:, i : i + nm[1]], hinv1.diagonal()[i : i + nm[1]])
+                group_sal = _saliency(w1[:, i : i + nm[1]], hdiag1[i : i + nm[1]])
                 pruned[:, i1 + i : i1 + i + nm[1]] = _rank(group_sal) < nm[1] - nm[0]
-            col = w1[:, i]
-            d = hinv1[i, i]
-            drop = pruned[:, i1 + i]
-            err = torch.where(drop, col, torch.zeros_like(col)) / d
-            losses += err.square() / 2
-            w1[:, i:] -= err.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
-            err1[:, i] = err
+                if i == 0:
+                    dropf = torch.zeros(count, d_out, dtype=w.dtype, device=w.device)
+                dropf[i : i + nm[1]] = pruned[:, i1 + i : i1 + i + nm[1]].T
+            err = err1t[i]
+            torch.mul(w1[:, i], dropf[i], out=err)
+            err.div_(hdiag1[i])
+            w1[:, i:].addr_(err, hinv1[i, i:], alpha=-1)
+        losses += err1t.square().sum(0) / 2
         w[:, i1:i2] = w1
+        err1 = err1t.T
         if i2 < d_in:
             w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
     return w, ~pruned, float(losses.sum())
