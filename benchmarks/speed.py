@@ -13,8 +13,11 @@ A/B of the streaming I/O knobs in one run (variants alternate, each run a fresh 
 
     python benchmarks/speed.py --shapes llama2-7b --methods magnitude,wanda --variants "default;legacy" --repeats 2
 
-``legacy`` = ``prefetch=0,writer_threads=1,sync=inline`` (no prefetch, one writer, fsync per shard in the
-writer); any ``knob=value`` list of ``optimum_statprune.streaming``'s PREFETCH / WRITER_THREADS / SYNC works.
+``legacy`` = ``prefetch=0,writer_threads=1,sync=inline,reuse_write_buffers=0`` (no prefetch, one writer, fsync
+per shard in the writer, a fresh host buffer per written block); ``fresh`` = ``reuse_write_buffers=0``;
+``pinned`` = ``pin_write_buffers=1``. ``in-memory`` loads the whole model onto the device first and times
+``prune`` alone: the compute floor of the engine, with no checkpoint I/O. Any ``knob=value`` list of ``optimum_statprune.streaming``'s PREFETCH /
+WRITER_THREADS / SYNC / REUSE_WRITE_BUFFERS / PIN_WRITE_BUFFERS works.
 ``weights_digest`` (sha256 over the manifest's per-layer hashes) must agree across variants.
 """
 
@@ -89,7 +92,8 @@ def write_tokens(path: Path, vocab: int, nsamples: int, seqlen: int) -> None:
     save_file({"input_ids": torch.randint(0, vocab, (nsamples, seqlen), generator=gen)}, path)
 
 
-VARIANTS = {"default": "", "legacy": "prefetch=0,writer_threads=1,sync=inline"}
+VARIANTS = {"default": "", "legacy": "prefetch=0,writer_threads=1,sync=inline,reuse_write_buffers=0",
+            "fresh": "reuse_write_buffers=0", "pinned": "pin_write_buffers=1"}
 
 
 def _apply_knobs(spec: str) -> None:
@@ -105,6 +109,8 @@ def _apply_knobs(spec: str) -> None:
             streaming.WRITER_THREADS = None if value.strip() in ("", "auto", "none") else int(value)
         elif key == "SYNC":
             streaming.SYNC = value.strip()
+        elif key in ("REUSE_WRITE_BUFFERS", "PIN_WRITE_BUFFERS"):
+            setattr(streaming, key, value.strip().lower() in ("1", "true", "yes", "on"))
         else:
             raise ValueError(f"unknown streaming knob {key!r}")
 
@@ -116,7 +122,8 @@ def run_one(args: argparse.Namespace) -> dict:
 
     from optimum_statprune import StatPruneConfig, StatPruner
 
-    if args.variant:
+    in_memory = args.variant == "in-memory"
+    if args.variant and not in_memory:
         _apply_knobs(args.variant)
     method = args.method
     if method == "io":  # the streaming I/O floor: magnitude's pipeline with the pruning step a no-op
@@ -129,8 +136,15 @@ def run_one(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     config = StatPruneConfig(method=method, sparsity=args.sparsity, pattern=args.pattern,
                              nsamples=ids.shape[0], seqlen=ids.shape[1], batch_size=args.batch_size)
-    pruner = StatPruner.from_pretrained(args.model, config=config, device=args.device, dtype=torch.float16)
-    pruner.prune(ids, output_dir=args.output, overwrite=True, progress=False)
+    if in_memory:  # the compute alone: the whole model already on the device, nothing read or written
+        pruner = StatPruner.from_pretrained(args.model, config=config, device=args.device, dtype=torch.float16,
+                                            device_map=args.device)
+        pruner.model  # noqa: B018 (loads it)
+        start = time.perf_counter()
+        pruner.prune(ids, progress=False)
+    else:
+        pruner = StatPruner.from_pretrained(args.model, config=config, device=args.device, dtype=torch.float16)
+        pruner.prune(ids, output_dir=args.output, overwrite=True, progress=False)
     total = time.perf_counter() - start
     report = pruner.report
     blocks = report.block_seconds

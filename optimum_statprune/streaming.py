@@ -58,6 +58,8 @@ INDEX_NAME = "model.safetensors.index.json"
 PREFETCH = True
 WRITER_THREADS: int | None = None  # None: 2 when host memory allows, else 1
 SYNC = "background"  # or "inline": fsync each shard in its writer thread (the behaviour before 0.1.x)
+REUSE_WRITE_BUFFERS = True  # False: a fresh host buffer per block on its way to the writer (the old behaviour)
+PIN_WRITE_BUFFERS = False  # True: those buffers are pinned when the compute device is a GPU
 
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -222,6 +224,36 @@ def shard_name(index: int, total: int) -> str:
     return f"model-{index + 1:05d}-of-{total:05d}.safetensors"
 
 
+class HostBufferPool:
+    """Host buffers that carry pruned blocks to the writer threads, reused from block to block.
+
+    A freshly allocated buffer costs a page fault per 4 KiB on first touch, on the thread that fills it:
+    for a 400 MB block that is a few tenths of a second of the main thread per block, which the GPU then
+    waits for. Reusing ``count`` buffers pays that once per buffer. ``acquire`` blocks while all of them
+    are in use, which is what bounds host memory. ``pin`` page-locks them (faster GPU-to-host copies, but
+    torch's pinned allocator rounds each up to a power of two). ``reuse=False`` allocates afresh every
+    time (for comparison)."""
+
+    def __init__(self, count: int, pin: bool = False, reuse: bool = True):
+        self.pin = pin
+        self.reuse = reuse
+        # last in, first out: a released buffer is reused before a placeholder makes a new one, so no more
+        # buffers are allocated than were ever in use at once
+        self._free: queue.LifoQueue = queue.LifoQueue()
+        for _ in range(count):
+            self._free.put(None)
+
+    def acquire(self, nbytes: int) -> torch.Tensor:
+        buffer = self._free.get()
+        if buffer is None or not self.reuse or buffer.numel() < nbytes:
+            buffer = None  # the old one goes before the new one is allocated
+            buffer = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=self.pin)
+        return buffer
+
+    def release(self, buffer: torch.Tensor | None) -> None:
+        self._free.put(buffer if self.reuse else None)
+
+
 class ShardWriter:
     """Writes one shard per block from background threads, hashing the targeted tensors in parallel, and
     records each block in the state file once its shard is durable, so a crash loses at most the blocks in
@@ -253,9 +285,11 @@ class ShardWriter:
         self._syncer = threading.Thread(target=self._sync_run, name="statprune-sync", daemon=True)
         self._syncer.start()
 
-    def submit(self, index: int, tensors: dict[str, torch.Tensor], hashed: dict[str, tuple[str, int | None]], records: list[dict]) -> None:
+    def submit(self, index: int, tensors: dict[str, torch.Tensor], hashed: dict[str, tuple[str, int | None]],
+               records: list[dict], release=None) -> None:
+        """Queue block ``index``'s shard; ``release()`` is called once ``tensors`` are no longer read."""
         self._raise()
-        self._queue.put((index, tensors, hashed, records))
+        self._queue.put((index, tensors, hashed, records, release))
 
     def submit_file(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
         """Write (and make durable) a shard that is not a block, e.g. the tensors outside the blocks."""
@@ -282,16 +316,19 @@ class ShardWriter:
             item = self._queue.get()
             if item is None:
                 return
-            if self._error is not None:
-                continue
+            release = item[4] if len(item) == 5 else None
             try:
-                if len(item) == 2:
+                if self._error is not None:
+                    pass  # after a failure, queued blocks are dropped (the error surfaces on close)
+                elif len(item) == 2:
                     self._write_file(*item)
                 else:
-                    self._write(*item)
+                    self._write(*item[:4])
             except BaseException as e:  # surfaced on the next submit/close
                 self._error = e
             item = None  # the block's host memory goes now, not at the next get()
+            if release is not None:
+                release()
 
     def _save(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
         tmp = self.partial / f".{name}.tmp"
@@ -404,7 +441,7 @@ class StreamingBlockStore:
 
     def __init__(self, blocks: nn.ModuleList, blocks_path: str, reader: CheckpointReader, partial: Path,
                  dtype: torch.dtype | None, writer: ShardWriter, config: StatPruneConfig, done: set[int],
-                 prefetch: bool = True):
+                 buffers: HostBufferPool, prefetch: bool = True):
         self.blocks = blocks
         self.blocks_path = blocks_path
         self.reader = reader
@@ -416,6 +453,7 @@ class StreamingBlockStore:
         self.pending_records: dict[int, list[dict]] = {}
         self.prefetch = prefetch
         self.prefetch_hits = 0
+        self.buffers = buffers
         self._prefetcher = _Prefetcher() if prefetch else None
         self._staging: torch.Tensor | None = None  # pinned buffer of the CUDA prefetch
         self._copied = None  # CUDA event: the last copy out of the staging buffer is done (set before the
@@ -513,28 +551,32 @@ class StreamingBlockStore:
     def store(self, index: int, block: nn.Module) -> None:
         if index not in self.done:
             prefix = f"{self.blocks_path}.{index}."
-            tensors = _to_host_buffer(prefix, _persistent_tensors(block))
+            named = _persistent_tensors(block)
+            buffer = self.buffers.acquire(_packed_size(named))
+            tensors = _pack(prefix, named, buffer)
             targets = find_targets(block, prefix[:-1], self.config.targets, self.config.ignore)
             hashed = {t.name: (t.state_key, t.expert) for t in targets}
-            self.writer.submit(index, tensors, hashed, self.pending_records.pop(index, []))
+            self.writer.submit(index, tensors, hashed, self.pending_records.pop(index, []),
+                               release=lambda: self.buffers.release(buffer))
         block.to("meta")
 
     def release(self, index: int, block: nn.Module) -> None:
         block.to("meta")
 
 
-def _to_host_buffer(prefix: str, named: list[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Copies of ``named`` on the host, packed into one buffer (one allocation per block, see read_to_host)."""
-    offsets, total = [], 0
-    for _, v in named:
-        offsets.append(total)
-        total += -(-v.numel() * v.element_size() // _ALIGN) * _ALIGN
-    buffer = torch.empty(max(total, 1), dtype=torch.uint8)
-    out = {}
-    for (k, v), o in zip(named, offsets, strict=True):
-        dst = buffer[o : o + v.numel() * v.element_size()].view(v.dtype).view(v.shape)
+def _packed_size(named: list[tuple[str, torch.Tensor]]) -> int:
+    return sum(-(-v.numel() * v.element_size() // _ALIGN) * _ALIGN for _, v in named)
+
+
+def _pack(prefix: str, named: list[tuple[str, torch.Tensor]], buffer: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Copies of ``named`` on the host, packed into ``buffer`` (at least ``_packed_size(named)`` bytes)."""
+    out, offset = {}, 0
+    for k, v in named:
+        nbytes = v.numel() * v.element_size()
+        dst = buffer[offset : offset + nbytes].view(v.dtype).view(v.shape)
         dst.copy_(v.detach())
         out[prefix + k] = dst
+        offset += -(-nbytes // _ALIGN) * _ALIGN
     return out
 
 
@@ -627,7 +669,11 @@ def prune_checkpoint(
                           for _, p in _persistent_tensors(block_list[0])) if n_blocks else 0
         writer_threads = writer_threads_for(block_bytes)
     writer = ShardWriter(partial, total, state, threads=writer_threads, sync=sync)
-    store = StreamingBlockStore(block_list, blocks_path, reader, partial, dtype, writer, config, done, prefetch=prefetch)
+    # one buffer more than the writer holds (one per thread, one queued): acquiring one never waits
+    buffers = HostBufferPool(writer_threads + 2, pin=PIN_WRITE_BUFFERS and torch.device(device).type == "cuda",
+                             reuse=REUSE_WRITE_BUFFERS)
+    store = StreamingBlockStore(block_list, blocks_path, reader, partial, dtype, writer, config, done, buffers,
+                                prefetch=prefetch)
     try:
         store.start(0, device, original=config.owl)  # block 0 is read while the rest is set up
         outside_tensors = _load_outside(model, blocks_path, reader, device, dtype)

@@ -218,7 +218,7 @@ def test_prefetch_and_writer_threads_give_identical_output(tmp_path, monkeypatch
         close(self)
 
     monkeypatch.setattr(streaming.StreamingBlockStore, "close", count_hits)
-    variants = {"default": {}, "legacy": dict(PREFETCH=False, WRITER_THREADS=1, SYNC="inline"),
+    variants = {"default": {}, "legacy": dict(PREFETCH=False, WRITER_THREADS=1, SYNC="inline", REUSE_WRITE_BUFFERS=False),
                 "two-writers": dict(WRITER_THREADS=2, SYNC="inline"), "one-writer": dict(WRITER_THREADS=1)}
     for name, knobs in variants.items():
         with monkeypatch.context() as m:
@@ -233,6 +233,34 @@ def test_prefetch_and_writer_threads_give_identical_output(tmp_path, monkeypatch
         a = json.loads((tmp_path / "default" / MANIFEST_NAME).read_text())["layers"]
         b = json.loads((tmp_path / name / MANIFEST_NAME).read_text())["layers"]
         assert [r["sha256"] for r in a] == [r["sha256"] for r in b]
+
+
+def test_host_buffer_pool_reuses_and_bounds_buffers():
+    """Released buffers come back before new ones are made; never more than ``count`` exist; a full pool
+    makes ``acquire`` wait until one is released; ``reuse=False`` hands out fresh memory each time."""
+    import threading
+
+    pool = streaming.HostBufferPool(3)
+    a = pool.acquire(100)
+    pool.release(a)
+    assert pool.acquire(80).data_ptr() == a.data_ptr()  # reused, no second allocation
+    b, c = pool.acquire(100), pool.acquire(100)
+    assert len({a.data_ptr(), b.data_ptr(), c.data_ptr()}) == 3
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(pool.acquire(100)))
+    waiter.start()
+    waiter.join(timeout=0.2)
+    assert waiter.is_alive() and not got  # all three in use: acquire waits
+    pool.release(b)
+    waiter.join(timeout=5)
+    assert got and got[0].data_ptr() == b.data_ptr()
+    pool.release(c)
+    assert pool.acquire(1000).numel() >= 1000  # too small a buffer is replaced by a big enough one
+
+    fresh = streaming.HostBufferPool(1, reuse=False)
+    d = fresh.acquire(100)
+    fresh.release(d)
+    assert fresh.acquire(100).data_ptr() != d.data_ptr()  # d is alive: a new allocation
 
 
 def test_read_to_host_matches_safetensors(tmp_path):
