@@ -7,8 +7,9 @@ back to meta. Progress lives in ``.<name>.partial/`` beside the output directory
 place only when complete; running the same command again resumes from the last finished block.
 
 While block ``i`` computes, a prefetch thread reads the block expected next into host memory (pinned when
-the compute device is a GPU, so ``load`` only issues an asynchronous host-to-device copy). Shards are
-written by up to two threads without waiting for the disk; a separate thread makes them durable (fsync of
+the compute device is a GPU, so ``load`` only issues an asynchronous host-to-device copy). A pruned block
+goes to the writers in one of a few reused host buffers (pinned for a GPU); shards are written by up to
+two threads without waiting for the disk; a separate thread makes them durable (fsync of
 the shards, then of the directory) and only then records the blocks in ``statprune_state.json``.
 """
 
@@ -59,7 +60,7 @@ PREFETCH = True
 WRITER_THREADS: int | None = None  # None: 2 when host memory allows, else 1
 SYNC = "background"  # or "inline": fsync each shard in its writer thread (the behaviour before 0.1.x)
 REUSE_WRITE_BUFFERS = True  # False: a fresh host buffer per block on its way to the writer (the old behaviour)
-PIN_WRITE_BUFFERS = False  # True: those buffers are pinned when the compute device is a GPU
+PIN_WRITE_BUFFERS = True  # pinned when the compute device is a GPU (H200, 7B: 21.5 s vs 23.8 s end to end)
 
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -230,9 +231,9 @@ class HostBufferPool:
     A freshly allocated buffer costs a page fault per 4 KiB on first touch, on the thread that fills it:
     for a 400 MB block that is a few tenths of a second of the main thread per block, which the GPU then
     waits for. Reusing ``count`` buffers pays that once per buffer. ``acquire`` blocks while all of them
-    are in use, which is what bounds host memory. ``pin`` page-locks them (faster GPU-to-host copies, but
-    torch's pinned allocator rounds each up to a power of two). ``reuse=False`` allocates afresh every
-    time (for comparison)."""
+    are in use, which is what bounds host memory. ``pin`` page-locks them for a GPU: its copies to
+    pinned memory skip the driver's bounce buffer (torch's pinned allocator rounds each buffer up to a
+    power of two). ``reuse=False`` allocates afresh every time (the old behaviour, for comparison)."""
 
     def __init__(self, count: int, pin: bool = False, reuse: bool = True):
         self.pin = pin
