@@ -37,6 +37,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .config import StatPruneConfig
+from .conversion import CheckpointConversion
 from .engine import (
     BlockInputs,
     CalibrationBatch,
@@ -266,13 +267,14 @@ class ShardWriter:
     ``statprune_state.json`` only after its shard and the rename are on disk."""
 
     def __init__(self, partial: Path, total_shards: int, state: dict[str, Any], threads: int = 1, max_pending: int = 1,
-                 sync: str = "background"):
+                 sync: str = "background", to_checkpoint=None):
         if sync not in ("background", "inline"):
             raise ValueError(f"sync must be 'background' or 'inline', not {sync!r}")
         self.partial = partial
         self.total = total_shards
         self.state = state
         self.sync = sync
+        self.to_checkpoint = to_checkpoint  # model-format block tensors -> the checkpoint's keys and layouts
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self._written: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
@@ -353,6 +355,8 @@ class ShardWriter:
             t = tensors[key] if expert is None else tensors[key][expert]
             rec["tensor"] = key
             digests[rec["name"]] = self._hashers.submit(_sha256, t)
+        if self.to_checkpoint is not None:  # hashed as the model holds it, written as the checkpoint had it
+            tensors = self.to_checkpoint(tensors)
         self._save(name, tensors)
         for rec in records:
             rec["sha256"] = digests[rec["name"]].result()
@@ -442,7 +446,7 @@ class StreamingBlockStore:
 
     def __init__(self, blocks: nn.ModuleList, blocks_path: str, reader: CheckpointReader, partial: Path,
                  dtype: torch.dtype | None, writer: ShardWriter, config: StatPruneConfig, done: set[int],
-                 buffers: HostBufferPool, prefetch: bool = True):
+                 buffers: HostBufferPool, conversion: CheckpointConversion, prefetch: bool = True):
         self.blocks = blocks
         self.blocks_path = blocks_path
         self.reader = reader
@@ -455,6 +459,7 @@ class StreamingBlockStore:
         self.prefetch = prefetch
         self.prefetch_hits = 0
         self.buffers = buffers
+        self.conversion = conversion
         self._prefetcher = _Prefetcher() if prefetch else None
         self._staging: torch.Tensor | None = None  # pinned buffer of the CUDA prefetch
         self._copied = None  # CUDA event: the last copy out of the staging buffer is done (set before the
@@ -535,12 +540,13 @@ class StreamingBlockStore:
                 self._schedule((index + 1, original), device)
             elif original:
                 self._schedule((0, False), device)  # the pruning pass follows the OWL pre-pass
+        tensors = self.conversion.to_model(tensors)  # e.g. per-expert tensors fused, on the device
         expected = {prefix + k for k, _ in _persistent_tensors(block)}
         if set(tensors) != expected:
             missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
             raise ValueError(
                 f"block {index}'s checkpoint tensors do not match the model (missing {missing[:3]}, unexpected "
-                f"{extra[:3]}): this checkpoint needs transformers' weight conversion; prune it in memory "
+                f"{extra[:3]}), even after transformers' conversions for this architecture; prune it in memory "
                 f"(without output_dir) instead"
             )
         for key, value in tensors.items():
@@ -587,7 +593,7 @@ def _persistent_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
 
 
 def _load_outside(model: nn.Module, blocks_path: str, reader: CheckpointReader, device: torch.device,
-                  dtype) -> dict[str, torch.Tensor]:
+                  dtype, conversion: CheckpointConversion) -> dict[str, torch.Tensor]:
     """Load every checkpoint tensor outside the blocks into the skeleton; return them as read (on the host,
     in ``dtype``), for the output's last shard."""
     keys = [k for k in reader.tensor_names() if not k.startswith(blocks_path + ".")]
@@ -596,7 +602,8 @@ def _load_outside(model: nn.Module, blocks_path: str, reader: CheckpointReader, 
         if dtype is not None and value.is_floating_point():
             value = value.to(dtype)
         tensors[key] = value.contiguous()
-        set_module_tensor_to_device(model, key, device, value=tensors[key])
+    for key, value in conversion.to_model(tensors).items():
+        set_module_tensor_to_device(model, key, device, value=value)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     still_meta = [n for n, p in model.named_parameters() if p.device.type == "meta" and not n.startswith(blocks_path + ".")]
@@ -669,15 +676,17 @@ def prune_checkpoint(
         block_bytes = sum(p.numel() * (itemsize if itemsize and p.is_floating_point() else p.element_size())
                           for _, p in _persistent_tensors(block_list[0])) if n_blocks else 0
         writer_threads = writer_threads_for(block_bytes)
-    writer = ShardWriter(partial, total, state, threads=writer_threads, sync=sync)
+    conversion = CheckpointConversion(model, reader.tensor_names())
+    writer = ShardWriter(partial, total, state, threads=writer_threads, sync=sync,
+                         to_checkpoint=conversion.to_checkpoint if conversion.active else None)
     # one buffer more than the writer holds (one per thread, one queued): acquiring one never waits
     buffers = HostBufferPool(writer_threads + 2, pin=PIN_WRITE_BUFFERS and torch.device(device).type == "cuda",
                              reuse=REUSE_WRITE_BUFFERS)
     store = StreamingBlockStore(block_list, blocks_path, reader, partial, dtype, writer, config, done, buffers,
-                                prefetch=prefetch)
+                                conversion, prefetch=prefetch)
     try:
         store.start(0, device, original=config.owl)  # block 0 is read while the rest is set up
-        outside_tensors = _load_outside(model, blocks_path, reader, device, dtype)
+        outside_tensors = _load_outside(model, blocks_path, reader, device, dtype, conversion)
         # everything outside the blocks, copied through unchanged (tied weights stay as the checkpoint had
         # them), written in the background while the blocks are pruned
         outside_keys = list(outside_tensors)

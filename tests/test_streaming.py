@@ -67,6 +67,41 @@ def test_streamed_equals_in_memory_bit_for_bit(checkpoint, tmp_path, method, pat
     assert not list(tmp_path.glob(".streamed.partial"))
 
 
+@pytest.mark.parametrize("arch,method,pattern", [("mixtral", "statprune", "unstructured"), ("qwen2_moe", "wanda", "2:4")])
+def test_moe_checkpoint_needing_conversion_streams_bit_for_bit(tmp_path, arch, method, pattern):
+    """A checkpoint with one tensor per expert (fused by transformers on load) streams block by block: each
+    block is converted on read and back on write, so the output has the checkpoint's own keys and equals
+    the in-memory prune-and-save bit for bit, manifest included; it verifies, and a killed run resumes."""
+    from optimum_statprune.verify import verify
+
+    src = tmp_path / "src"
+    build(arch).save_pretrained(src, max_shard_size="60KB")
+    source_keys = set(_tensors(src))
+    assert any(".experts.0." in k for k in source_keys)  # per-expert on disk, fused in the model
+    cfg = StatPruneConfig(method=method, pattern=pattern, sample_tokens=32)
+    ids = token_ids(6, 16)
+    StatPruner.from_pretrained(src, config=cfg, device="cpu").prune(ids, output_dir=tmp_path / "streamed", progress=False)
+    in_memory = StatPruner.from_pretrained(src, config=cfg, device="cpu")
+    in_memory.prune(ids, progress=False)
+    in_memory.save_pretrained(tmp_path / "memory")
+    _assert_identical(tmp_path / "streamed", tmp_path / "memory")
+    assert set(_tensors(tmp_path / "streamed")) == source_keys
+    ms = json.loads((tmp_path / "streamed" / MANIFEST_NAME).read_text())
+    mm = json.loads((tmp_path / "memory" / MANIFEST_NAME).read_text())
+    strip = ("created", "pruning_seconds", "model")
+    assert {k: v for k, v in ms.items() if k not in strip} == {k: v for k, v in mm.items() if k not in strip}
+    assert any(r.get("expert") is not None for r in ms["layers"])
+    assert verify(tmp_path / "streamed").ok
+
+    script = _CRASHING_RUN.format(tests=str(TESTS), src=str(src), out=str(tmp_path / "resumed"), crash_after=1, setup="")
+    script = script.replace('StatPruneConfig(method="wanda", sample_tokens=32)',
+                            f"StatPruneConfig(method={method!r}, pattern={pattern!r}, sample_tokens=32)")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 9, proc.stderr
+    StatPruner.from_pretrained(src, config=cfg, device="cpu").prune(ids, output_dir=tmp_path / "resumed", progress=False)
+    _assert_identical(tmp_path / "resumed", tmp_path / "memory")
+
+
 def test_streaming_refuses_non_empty_output(checkpoint, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
