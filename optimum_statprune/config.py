@@ -225,9 +225,6 @@ class StatPruneConfig:
     def resolved_compensation(self) -> str:
         return self.resolve("compensation")
 
-    def resolved_safety_check(self) -> bool:
-        return self.resolve("safety_check")
-
     def resolved(self) -> dict[str, Any]:
         """The config as run: preset defaults filled in."""
         d = self.to_dict()

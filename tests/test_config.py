@@ -262,7 +262,7 @@ def test_preset_resolution():
     cfg = StatPruneConfig()  # method="statprune", compensation/safety left at None
     assert cfg.compensation is None and cfg.safety_check is None
     assert cfg.resolved_compensation() == "ec-activation"
-    assert cfg.resolved_safety_check() is True
+    assert cfg.resolve("safety_check") is True
     resolved = cfg.resolved()
     assert resolved["compensation"] == "ec-activation" and resolved["safety_check"] is True
     assert (resolved["alpha"], resolved["activation_stat"], resolved["activation_power"]) == (0.5, "second_moment", 1.0)
@@ -271,11 +271,11 @@ def test_preset_resolution():
 
     explicit = StatPruneConfig(compensation="ec", safety_check=False)
     assert explicit.resolved_compensation() == "ec"
-    assert explicit.resolved_safety_check() is False
+    assert explicit.resolve("safety_check") is False
 
     wanda = StatPruneConfig(method="wanda")
     assert wanda.resolved_compensation() == "none"
-    assert wanda.resolved_safety_check() is False
+    assert wanda.resolve("safety_check") is False
 
 
 @pytest.mark.parametrize(
