@@ -270,6 +270,17 @@ def test_prefetch_and_writer_threads_give_identical_output(tmp_path, monkeypatch
         assert [r["sha256"] for r in a] == [r["sha256"] for r in b]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned write buffers need a GPU")
+def test_pinned_and_pageable_write_buffers_give_identical_output_on_gpu(tmp_path, monkeypatch):
+    src = _four_block_checkpoint(tmp_path / "src")
+    cfg = StatPruneConfig(method="statprune", sample_tokens=32)
+    for name, pin in (("pinned", True), ("pageable", False)):
+        monkeypatch.setattr(streaming, "PIN_WRITE_BUFFERS", pin)
+        StatPruner.from_pretrained(src, config=cfg, device="cuda").prune(token_ids(6, 16), output_dir=tmp_path / name,
+                                                                        progress=False)
+    _assert_identical(tmp_path / "pinned", tmp_path / "pageable")
+
+
 def test_host_buffer_pool_reuses_and_bounds_buffers():
     """Released buffers come back before new ones are made; never more than ``count`` exist; a full pool
     makes ``acquire`` wait until one is released; ``reuse=False`` hands out fresh memory each time."""
