@@ -172,6 +172,60 @@ def _inverse_factor(h: torch.Tensor, damp: float) -> torch.Tensor | None:
     return hinv
 
 
+# Elements of the per-row triangular systems solved at once (``rows x B x B`` floats): bounds their memory.
+_SOLVE_ELEMENTS = 1 << 26
+
+
+def _block_errors(w1: torch.Tensor, hinv1: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+    """The OBS errors of one column block whose mask is fixed, without a loop over its columns.
+
+    Column by column, the sweep computes ``e_i = drop_i * (w_i - sum_{j<i} e_j U_ji) / U_ii`` with ``U`` the
+    block of the upper inverse factor: a forward substitution. Per row, that is ``e T = w * drop`` with
+    ``T_ji = U_ji drop_j drop_i`` and ``T_ii = U_ii`` where dropped, 1 where kept (kept columns get
+    ``e_i = 0``). A batched triangular solve does every row at once. The result equals the
+    column-by-column sweep up to float rounding, in a handful of kernels instead of three per column."""
+    rows, count = w1.shape
+    dropf = drop.to(w1.dtype)
+    errors = torch.empty_like(w1)
+    chunk = max(1, _SOLVE_ELEMENTS // (count * count))
+    diag = hinv1.diagonal()
+    for r0 in range(0, rows, chunk):
+        m = dropf[r0 : r0 + chunk]
+        lower = hinv1.T.unsqueeze(0) * (m.unsqueeze(2) * m.unsqueeze(1))  # T^T: lower triangular, one per row
+        lower.diagonal(dim1=1, dim2=2).copy_(torch.where(m.bool(), diag, torch.ones_like(diag)))
+        rhs = (w1[r0 : r0 + chunk] * m).unsqueeze(2)
+        errors[r0 : r0 + chunk] = torch.linalg.solve_triangular(lower, rhs, upper=False).squeeze(2)
+    return errors
+
+
+def _sequential_block(w1: torch.Tensor, hinv1: torch.Tensor, pruned: torch.Tensor,
+                      nm: tuple[int, int] | None) -> torch.Tensor:
+    """The column-by-column sweep of one block: updates ``w1`` in place, returns the OBS errors. For N:M,
+    each group's mask is chosen (into ``pruned``, the block's slice) when the sweep reaches it; otherwise
+    ``pruned`` is already set.
+
+    Written for few kernel launches per column: rows of ``err^T`` are contiguous, the dropped-weight mask
+    is a float multiplier, and the rank-1 update is one ``addr_``."""
+    rows, count = w1.shape
+    err_t = torch.zeros(count, rows, dtype=w1.dtype, device=w1.device)
+    diag = hinv1.diagonal()
+    if nm is None:
+        dropf = pruned.T.to(w1.dtype).contiguous()
+    else:
+        n, m = nm
+        dropf = torch.zeros(count, rows, dtype=w1.dtype, device=w1.device)
+    for i in range(count):
+        if nm is not None and i % m == 0:
+            group_sal = _saliency(w1[:, i : i + m], diag[i : i + m])
+            pruned[:, i : i + m] = _rank(group_sal) < m - n
+            dropf[i : i + m] = pruned[:, i : i + m].T
+        err = err_t[i]
+        torch.mul(w1[:, i], dropf[i], out=err)
+        err.div_(diag[i])
+        w1[:, i:].addr_(err, hinv1[i, i:], alpha=-1)
+    return err_t.T
+
+
 def _sweep(
     w: torch.Tensor,
     hinv: torch.Tensor,
@@ -180,8 +234,10 @@ def _sweep(
     blocksize: int,
     group: str,
     allocation: str,
+    solve: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """The column sweep on ``w`` (float32, modified in place). Returns (weight, keep mask, OBS loss)."""
+    """The column sweep on ``w`` (float32, modified in place). Returns (weight, keep mask, OBS loss).
+    ``solve``: blocks with a fixed mask (unstructured) by one batched triangular solve (``_block_errors``)."""
     d_out, d_in = w.shape
     pruned = torch.zeros(d_out, d_in, dtype=torch.bool, device=w.device)
     hdiag = hinv.diagonal()
@@ -213,27 +269,14 @@ def _sweep(
             left_row -= sel.sum(1)
             left_layer -= int(sel.sum())
 
-        # The loop below runs once per input column (thousands of times per layer), so it is written
-        # for few kernel launches: rows of err1^T are contiguous columns, the dropped-weight mask is a
-        # float multiplier, the rank-1 update is one addr_, and the losses are summed once per block.
         w1 = w[:, i1:i2].clone()
-        err1t = torch.zeros(count, d_out, dtype=w.dtype, device=w.device)
-        dropf = None if nm is not None else pruned[:, i1:i2].T.to(w.dtype).contiguous()
-        hdiag1 = hinv1.diagonal()
-        for i in range(count):
-            if nm is not None and i % nm[1] == 0:
-                group_sal = _saliency(w1[:, i : i + nm[1]], hdiag1[i : i + nm[1]])
-                pruned[:, i1 + i : i1 + i + nm[1]] = _rank(group_sal) < nm[1] - nm[0]
-                if i == 0:
-                    dropf = torch.zeros(count, d_out, dtype=w.dtype, device=w.device)
-                dropf[i : i + nm[1]] = pruned[:, i1 + i : i1 + i + nm[1]].T
-            err = err1t[i]
-            torch.mul(w1[:, i], dropf[i], out=err)
-            err.div_(hdiag1[i])
-            w1[:, i:].addr_(err, hinv1[i, i:], alpha=-1)
-        losses += err1t.square().sum(0) / 2
+        if solve and nm is None:  # the block's mask is fixed: one triangular solve per row
+            err1 = _block_errors(w1, hinv1, pruned[:, i1:i2])
+            w1 -= err1 @ hinv1
+        else:
+            err1 = _sequential_block(w1, hinv1, pruned[:, i1:i2], nm)
+        losses += err1.square().sum(1) / 2
         w[:, i1:i2] = w1
-        err1 = err1t.T
         if i2 < d_in:
             w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
     return w, ~pruned, float(losses.sum())
@@ -250,6 +293,7 @@ def sparsegpt_prune(
     max_retries: int = 5,
     group: str = "row",
     allocation: str = "even",
+    sweep: str = "columns",
 ) -> SparseGPTResult:
     """Prune ``weight`` ``[d_out, d_in]`` with SparseGPT's OBS updates, given ``H`` ``[d_in, d_in]``.
 
@@ -258,7 +302,11 @@ def sparsegpt_prune(
     inputs. All math runs in float32 on the weight's device, whatever the weight's dtype; cast the result
     back yourself. Inputs whose ``H_jj`` is zero (never active) are treated as the reference does: their
     weights are zeroed and, having zero saliency, pruned first. ``allocation`` is how an unstructured
-    budget is spread over column blocks (see the module docstring).
+    budget is spread over column blocks (see the module docstring). ``sweep="solve"`` computes each
+    unstructured column block's updates with one batched triangular solve instead of a loop over its
+    columns. The result is the same up to float rounding. On a 2-core CPU it is slower: 4.7 s against
+    3.0 s for a 1024 x 4096 layer. It is meant for GPUs, where the column loop is bound by kernel
+    launches; not yet measured there. N:M always sweeps columns.
 
     Raises ``torch.linalg.LinAlgError`` if no dampening up to ``percdamp * 10**max_retries`` yields a
     finite result, and ``ValueError`` on invalid arguments or a non-finite ``H`` or weight.
@@ -277,6 +325,8 @@ def sparsegpt_prune(
         raise ValueError(f"group must be 'row' or 'layer', got {group!r}")
     if allocation not in ("lookahead", "even"):
         raise ValueError(f"allocation must be 'lookahead' or 'even', got {allocation!r}")
+    if sweep not in ("columns", "solve"):
+        raise ValueError(f"sweep must be 'columns' or 'solve', got {sweep!r}")
     if blocksize < 1:
         raise ValueError(f"blocksize must be positive, got {blocksize}")
     if percdamp < 0 or not math.isfinite(percdamp):
@@ -311,7 +361,7 @@ def sparsegpt_prune(
         damp = rel * mean_diag
         hinv = _inverse_factor(h, damp)
         if hinv is not None:
-            w, mask, error = _sweep(w0.clone(), hinv, sparsity, nm, blocksize, group, allocation)
+            w, mask, error = _sweep(w0.clone(), hinv, sparsity, nm, blocksize, group, allocation, sweep == "solve")
             if bool(torch.isfinite(w).all()):
                 w[:, dead] = 0.0
                 w.masked_fill_(~mask, 0.0)

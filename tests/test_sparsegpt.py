@@ -134,11 +134,13 @@ CASES = [
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(str(v) for v in c))
 @pytest.mark.parametrize("seed", [0, 1])
-def test_matches_naive_float64_reference(case, seed):
+@pytest.mark.parametrize("sweep", ["columns", "solve"])
+def test_matches_naive_float64_reference(case, seed, sweep):
     d_out, d_in, sparsity, pattern, blocksize, group, allocation = case
     w = _weight(d_out, d_in, seed)
     h = _hessian(_inputs(8 * d_in, d_in, seed))
-    got = sparsegpt_prune(w, h, sparsity, pattern, blocksize=blocksize, group=group, allocation=allocation)
+    got = sparsegpt_prune(w, h, sparsity, pattern, blocksize=blocksize, group=group, allocation=allocation,
+                          sweep=sweep)
     ref_w, ref_mask, ref_loss = reference_sparsegpt(
         w, h, sparsity, pattern, blocksize, 0.01, group, allocation
     )
@@ -193,13 +195,14 @@ def test_zero_sparsity_changes_nothing():
     blocksize=st.sampled_from([1, 3, 8, 128]),
     group=st.sampled_from(["row", "layer"]),
     allocation=st.sampled_from(["even", "lookahead"]),
+    sweep=st.sampled_from(["columns", "solve"]),
     seed=st.integers(0, 2**16),
 )
 @FAST
-def test_unstructured_counts_are_exact(d_out, d_in, sparsity, blocksize, group, allocation, seed):
+def test_unstructured_counts_are_exact(d_out, d_in, sparsity, blocksize, group, allocation, sweep, seed):
     w = _weight(d_out, d_in, seed)
     h = _hessian(_inputs(3 * d_in + 2, d_in, seed, outliers=min(2, d_in)))
-    got = sparsegpt_prune(w, h, sparsity, blocksize=blocksize, group=group, allocation=allocation)
+    got = sparsegpt_prune(w, h, sparsity, blocksize=blocksize, group=group, allocation=allocation, sweep=sweep)
     pruned = ~got.mask
     if group == "row":
         assert pruned.sum(1).tolist() == [prune_count(d_in, sparsity)] * d_out
@@ -358,6 +361,7 @@ def test_input_weight_is_not_modified():
         ({"pattern": "2:4", "blocksize": 6}, "blocksize"),
         ({"group": "column"}, "group"),
         ({"allocation": "greedy"}, "allocation"),
+        ({"sweep": "fused"}, "sweep"),
         ({"sparsity": 1.5}, "sparsity"),
         ({"percdamp": -0.1}, "percdamp"),
         ({"blocksize": 0}, "blocksize"),
@@ -367,6 +371,41 @@ def test_invalid_arguments(kwargs, message):
     args = {"sparsity": 0.5, **kwargs}
     with pytest.raises(ValueError, match=message):
         sparsegpt_prune(_weight(2, 8, 0), torch.eye(8), **args)
+
+
+def test_block_errors_are_the_column_by_column_substitution():
+    """The batched triangular solve gives, row by row, the errors of the loop it replaces, written here as
+    the plain float64 recurrence e_i = drop_i (w_i - sum_{j<i} e_j U_ji) / U_ii over a block whose rows
+    drop different numbers of columns (as lookahead and per-layer budgets do)."""
+    from optimum_statprune.sparsegpt import _block_errors
+
+    gen = torch.Generator().manual_seed(3)
+    rows, count = 7, 12
+    a = torch.randn(count, count, generator=gen, dtype=torch.float64)
+    u = torch.linalg.cholesky(torch.linalg.inv(a @ a.T + count * torch.eye(count, dtype=torch.float64)), upper=True)
+    w = torch.randn(rows, count, generator=gen, dtype=torch.float64)
+    drop = torch.rand(rows, count, generator=gen) < torch.linspace(0.0, 1.0, rows).unsqueeze(1)  # 0 .. all dropped
+    ref = torch.zeros(rows, count, dtype=torch.float64)
+    for r in range(rows):
+        for i in range(count):
+            if drop[r, i]:
+                ref[r, i] = (w[r, i] - sum(ref[r, j] * u[j, i] for j in range(i))) / u[i, i]
+    got = _block_errors(w.float(), u.float(), drop).double()
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+    assert (got[~drop] == 0).all()
+
+
+def test_solve_sweep_agrees_with_column_sweep_on_a_larger_layer():
+    """Same masks, weights equal up to float32 rounding, for both budgets and allocations."""
+    w = _weight(48, 256, 5)
+    h = _hessian(_inputs(1024, 256, 5))
+    for group in ("row", "layer"):
+        for allocation in ("even", "lookahead"):
+            cols = sparsegpt_prune(w, h, 0.5, group=group, allocation=allocation, blocksize=32)
+            solve = sparsegpt_prune(w, h, 0.5, group=group, allocation=allocation, blocksize=32, sweep="solve")
+            assert torch.equal(cols.mask, solve.mask), (group, allocation)
+            torch.testing.assert_close(solve.weight, cols.weight, rtol=1e-4, atol=1e-5)
+            assert solve.error == pytest.approx(cols.error, rel=1e-4)
 
 
 def test_shape_mismatch():
