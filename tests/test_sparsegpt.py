@@ -352,6 +352,17 @@ def test_input_weight_is_not_modified():
     assert torch.equal(w, before)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_input_hessian_is_not_modified(dtype):
+    """Dead inputs make the pruner change H's diagonal: on its own copy, whether or not a cast made one."""
+    x = _inputs(64, 16, 0)
+    x[:, 3] = 0  # a dead input
+    h = _hessian(x).to(dtype)
+    before = h.clone()
+    sparsegpt_prune(_weight(4, 16, 0), h, 0.5)
+    assert torch.equal(h, before)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
