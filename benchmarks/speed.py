@@ -15,9 +15,10 @@ A/B of the streaming I/O knobs in one run (variants alternate, each run a fresh 
 
 ``legacy`` = ``prefetch=0,writer_threads=1,sync=inline,reuse_write_buffers=0,pin_write_buffers=0`` (no
 prefetch, one writer, fsync per shard in the writer, a fresh pageable host buffer per written block);
-``fresh`` = ``reuse_write_buffers=0,pin_write_buffers=0``; ``pageable`` = ``pin_write_buffers=0``. ``in-memory`` loads the whole model onto the device first and times
-``prune`` alone: the compute floor of the engine, with no checkpoint I/O. Any ``knob=value`` list of ``optimum_statprune.streaming``'s PREFETCH /
-WRITER_THREADS / SYNC / REUSE_WRITE_BUFFERS / PIN_WRITE_BUFFERS works.
+``fresh`` = ``reuse_write_buffers=0,pin_write_buffers=0``; ``pageable`` = ``pin_write_buffers=0``.
+``in-memory`` loads the whole model onto the device first and times ``prune`` alone: the compute floor of
+the engine, with no checkpoint I/O. Any ``knob=value`` list of ``optimum_statprune.streaming``'s
+PREFETCH / WRITER_THREADS / SYNC / REUSE_WRITE_BUFFERS / PIN_WRITE_BUFFERS works.
 ``weights_digest`` (sha256 over the manifest's per-layer hashes) must agree across variants.
 """
 

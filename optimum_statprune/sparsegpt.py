@@ -162,8 +162,8 @@ def _saliency(w: torch.Tensor, hinv_diag: torch.Tensor) -> torch.Tensor:
 def _inverse_factor(h: torch.Tensor, damp: float) -> torch.Tensor | None:
     """Upper Cholesky factor of ``(H + damp I)^-1``, or None where a factorisation fails.
 
-    Each intermediate is dropped as soon as the next exists: for a 14336-wide layer each is 0.8 GiB, and
-    holding them all at once set the peak GPU memory of a whole block."""
+    Each intermediate is dropped as soon as the next exists. For a 14336-wide layer each one is
+    0.8 GiB, and holding them all at once can set a block's peak GPU memory."""
     hd = h.clone()
     hd.diagonal().add_(damp)
     low, info = torch.linalg.cholesky_ex(hd)
@@ -311,9 +311,10 @@ def sparsegpt_prune(
     weights are zeroed and, having zero saliency, pruned first. ``allocation`` is how an unstructured
     budget is spread over column blocks (see the module docstring). ``sweep="solve"`` computes each
     unstructured column block's updates with one batched triangular solve instead of a loop over its
-    columns. The result is the same up to float rounding. On a 2-core CPU it is slower: 4.7 s against
-    3.0 s for a 1024 x 4096 layer. It is meant for GPUs, where the column loop is bound by kernel
-    launches; not yet measured there. N:M always sweeps columns.
+    columns. The result is the same up to float rounding. On a 2-core CPU it is 1.5-3x slower
+    (``benchmarks/sparsegpt_layer.py --device cpu --sweeps columns,solve``). It is meant for GPUs, where
+    the column loop is bound by kernel launches, and has not been measured there yet. N:M always sweeps
+    columns.
 
     Raises ``torch.linalg.LinAlgError`` if no dampening up to ``percdamp * 10**max_retries`` yields a
     finite result, and ``ValueError`` on invalid arguments or a non-finite ``H`` or weight.
