@@ -105,14 +105,12 @@ def _apply_knobs(spec: str) -> None:
     for item in filter(None, VARIANTS.get(spec, spec).split(",")):
         key, value = item.split("=")
         key = key.strip().upper()
-        if key == "PREFETCH":
-            streaming.PREFETCH = value.strip().lower() in ("1", "true", "yes", "on")
+        if key in ("PREFETCH", "REUSE_WRITE_BUFFERS", "PIN_WRITE_BUFFERS"):
+            setattr(streaming, key, value.strip().lower() in ("1", "true", "yes", "on"))
         elif key == "WRITER_THREADS":
             streaming.WRITER_THREADS = None if value.strip() in ("", "auto", "none") else int(value)
         elif key == "SYNC":
             streaming.SYNC = value.strip()
-        elif key in ("REUSE_WRITE_BUFFERS", "PIN_WRITE_BUFFERS"):
-            setattr(streaming, key, value.strip().lower() in ("1", "true", "yes", "on"))
         else:
             raise ValueError(f"unknown streaming knob {key!r}")
 

@@ -75,6 +75,10 @@ for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), (
 _ALIGN = 64  # byte alignment of each tensor inside a pinned staging buffer
 
 
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // _ALIGN) * _ALIGN
+
+
 class ResumeMismatchError(ValueError):
     """An unfinished run with different settings occupies the output's partial directory."""
 
@@ -166,7 +170,7 @@ def read_to_host(files: dict[Path, list[str] | None], staging: torch.Tensor | No
     total, offset = 0, []
     for item in plan:
         offset.append(total)
-        total += -(-item[2] // _ALIGN) * _ALIGN
+        total += _aligned(item[2])
     if not pin:
         staging = torch.empty(max(total, 1), dtype=torch.uint8)
     elif staging is None or staging.numel() < total:
@@ -259,7 +263,8 @@ class HostBufferPool:
 class ShardWriter:
     """Writes one shard per block from background threads, hashing the targeted tensors in parallel, and
     records each block in the state file once its shard is durable, so a crash loses at most the blocks in
-    flight. At most ``threads + max_pending`` blocks wait in host memory.
+    flight. At most ``threads + max_pending`` blocks wait in it (one more is being filled in the
+    ``HostBufferPool`` that carries them).
 
     ``sync="background"``: writer threads only write (to the page cache) and rename; one more thread fsyncs
     whatever shards have been written since its last round, then the directory, then records those blocks.
@@ -572,7 +577,7 @@ class StreamingBlockStore:
 
 
 def _packed_size(named: list[tuple[str, torch.Tensor]]) -> int:
-    return sum(-(-v.numel() * v.element_size() // _ALIGN) * _ALIGN for _, v in named)
+    return sum(_aligned(v.numel() * v.element_size()) for _, v in named)
 
 
 def _pack(prefix: str, named: list[tuple[str, torch.Tensor]], buffer: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -583,7 +588,7 @@ def _pack(prefix: str, named: list[tuple[str, torch.Tensor]], buffer: torch.Tens
         dst = buffer[offset : offset + nbytes].view(v.dtype).view(v.shape)
         dst.copy_(v.detach())
         out[prefix + k] = dst
-        offset += -(-nbytes // _ALIGN) * _ALIGN
+        offset += _aligned(nbytes)
     return out
 
 
