@@ -46,7 +46,7 @@ def load_model(args):
 
     if args.model:
         return AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, gguf_file=args.gguf_file)
-    from optimum_statprune.packaged import smollm2_gguf
+    from optimum_statprune.data.packaged import smollm2_gguf
 
     directory, gguf_file = smollm2_gguf()
     return AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=torch.float32)
@@ -67,9 +67,9 @@ def load_tokens(args):
         return load_file(args.calibration_tokens)["input_ids"], load_file(args.eval_tokens)["input_ids"]
     from transformers import AutoTokenizer
 
-    from optimum_statprune.corpora import corpus_text
-    from optimum_statprune.data import calibration_windows, evaluation_windows
-    from optimum_statprune.packaged import smollm2_gguf
+    from optimum_statprune.data.corpora import corpus_text
+    from optimum_statprune.data.packaged import smollm2_gguf
+    from optimum_statprune.data.texts import calibration_windows, evaluation_windows
 
     directory, gguf_file = smollm2_gguf()
     tok = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
@@ -81,7 +81,7 @@ def load_tokens(args):
 def model_source(args) -> tuple[str, str | None]:
     if args.model:
         return args.model, args.gguf_file
-    from optimum_statprune.packaged import smollm2_gguf
+    from optimum_statprune.data.packaged import smollm2_gguf
 
     return smollm2_gguf()
 

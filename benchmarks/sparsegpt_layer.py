@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from optimum_statprune.sparsegpt import HessianAccumulator, _inverse_factor, sparsegpt_prune
+from optimum_statprune.tensor_math.sparsegpt import HessianAccumulator, _inverse_factor, sparsegpt_prune
 
 LAYERS = {"q/k/v/o (4096 x 4096)": (4096, 4096), "gate/up (11008 x 4096)": (11008, 4096),
           "down (4096 x 11008)": (4096, 11008)}

@@ -17,7 +17,7 @@ A/B of the streaming I/O knobs in one run (variants alternate, each run a fresh 
 prefetch, one writer, fsync per shard in the writer, a fresh pageable host buffer per written block);
 ``fresh`` = ``reuse_write_buffers=0,pin_write_buffers=0``; ``pageable`` = ``pin_write_buffers=0``.
 ``in-memory`` loads the whole model onto the device first and times ``prune`` alone: the compute floor of
-the engine, with no checkpoint I/O. Any ``knob=value`` list of ``optimum_statprune.streaming``'s
+the engine, with no checkpoint I/O. Any ``knob=value`` list of ``optimum_statprune.engine.streaming``'s
 PREFETCH / WRITER_THREADS / SYNC / REUSE_WRITE_BUFFERS / PIN_WRITE_BUFFERS works.
 ``weights_digest`` (sha256 over the manifest's per-layer hashes) must agree across variants.
 """
@@ -99,8 +99,8 @@ VARIANTS = {"default": "",
 
 
 def _apply_knobs(spec: str) -> None:
-    """Set optimum_statprune.streaming's I/O defaults from "prefetch=0,writer_threads=1,sync=inline"."""
-    from optimum_statprune import streaming
+    """Set optimum_statprune.engine.streaming's I/O defaults from "prefetch=0,writer_threads=1,sync=inline"."""
+    from optimum_statprune.engine import streaming
 
     for item in filter(None, VARIANTS.get(spec, spec).split(",")):
         key, value = item.split("=")
@@ -127,7 +127,7 @@ def run_one(args: argparse.Namespace) -> dict:
         _apply_knobs(args.variant)
     method = args.method
     if method == "io":  # the streaming I/O floor: magnitude's pipeline with the pruning step a no-op
-        from optimum_statprune import engine
+        from optimum_statprune.engine import loop as engine
 
         engine._prune_block = lambda *a, **k: []
         method = "magnitude"

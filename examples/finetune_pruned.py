@@ -13,9 +13,9 @@ import argparse
 
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
-from optimum_statprune.data import evaluation_windows, load_texts
+from optimum_statprune.data.texts import evaluation_windows, load_texts
+from optimum_statprune.sharing.verify import load_manifest, verify
 from optimum_statprune.training import SparsityMasks, SparsityPreservingCallback, remask_merged_lora
-from optimum_statprune.verify import load_manifest, verify
 
 
 def main(argv: list[str] | None = None) -> None:

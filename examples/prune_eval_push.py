@@ -14,11 +14,11 @@ from __future__ import annotations
 import argparse
 
 from optimum_statprune import StatPruneConfig, StatPruner
-from optimum_statprune.data import calibration_windows, evaluation_windows, load_texts
+from optimum_statprune.data.texts import calibration_windows, evaluation_windows, load_texts
 from optimum_statprune.evaluate import perplexity
-from optimum_statprune.hub import model_card, push_to_hub
-from optimum_statprune.manifest import read_manifest, write_manifest
-from optimum_statprune.verify import verify
+from optimum_statprune.sharing.hub import model_card, push_to_hub
+from optimum_statprune.sharing.manifest import read_manifest, write_manifest
+from optimum_statprune.sharing.verify import verify
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -252,7 +252,7 @@ class StatPruneConfig:
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> str:
         """Write ``statprune_config.json`` into ``save_directory`` (atomically)."""
-        from .io import atomic_write_text
+        from .checkpoint.atomic import atomic_write_text
 
         os.makedirs(save_directory, exist_ok=True)
         path = os.path.join(save_directory, CONFIG_NAME)

@@ -13,10 +13,12 @@ import torch
 from optimum.quantization_base import OptimumQuantizer
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from .biases import declare_added_biases
 from .config import StatPruneConfig
-from .engine import CalibrationBatch, PruneReport, default_device, iter_batches, prune_model
-from .manifest import (
+from .engine.biases import declare_added_biases
+from .engine.loop import CalibrationBatch, PruneReport, default_device, iter_batches, prune_model
+from .engine.offload import stored_weight
+from .engine.targets import find_blocks, find_targets
+from .sharing.manifest import (
     MANIFEST_NAME,
     build_manifest,
     calibration_fingerprint,
@@ -24,8 +26,6 @@ from .manifest import (
     tensor_sha256,
     write_manifest,
 )
-from .models import find_blocks, find_targets
-from .offload import stored_weight
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ class StatPruner(OptimumQuantizer):
         if isinstance(calibration, torch.Tensor):
             ids = calibration
             if ids.dim() == 1:
-                from .data import calibration_windows, resolve_seqlen
+                from .data.texts import calibration_windows, resolve_seqlen
 
                 ids = calibration_windows(ids, self.tokenizer, cfg.nsamples, resolve_seqlen(cfg.seqlen, self.model_config), cfg.seed)
             if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
@@ -143,7 +143,7 @@ class StatPruner(OptimumQuantizer):
         elif isinstance(calibration, (list, tuple)) and calibration and all(isinstance(s, str) for s in calibration):
             ids, mask = self._tokenize_samples(list(calibration)[: cfg.nsamples])
         elif isinstance(calibration, (str, os.PathLike)):
-            from .data import calibration_windows, load_texts, resolve_seqlen
+            from .data.texts import calibration_windows, load_texts, resolve_seqlen
 
             seqlen = resolve_seqlen(cfg.seqlen, self.model_config)  # capped to the context, with a warning
             ids = calibration_windows(load_texts(str(calibration)), self._require_tokenizer(), cfg.nsamples, seqlen, cfg.seed)
@@ -196,7 +196,7 @@ class StatPruner(OptimumQuantizer):
             )
         batches = self._batches(calibration)
         if checkpoint is not None:
-            from .streaming import prune_checkpoint
+            from .engine.streaming import prune_checkpoint
 
             self.report = prune_checkpoint(
                 checkpoint, output_dir, batches, self.config, self.calibration_info, self._device(),
@@ -266,7 +266,7 @@ class StatPruner(OptimumQuantizer):
     ) -> str:
         """Upload the pruned model (saved to ``save_dir``, or a temporary directory when the model is only
         in memory) with its manifest and a model card; creates the repo if needed."""
-        from .hub import push_to_hub
+        from .sharing.hub import push_to_hub
 
         if save_dir is None or not Path(save_dir, MANIFEST_NAME).exists():
             if save_dir is None:
@@ -281,7 +281,7 @@ class StatPruner(OptimumQuantizer):
     @staticmethod
     def load_manifest(dir_or_repo_id: str | os.PathLike, revision: str | None = None, token: str | None = None) -> dict[str, Any]:
         """The ``pruning_manifest.json`` of a local directory or a Hub repo."""
-        from .verify import load_manifest
+        from .sharing.verify import load_manifest
 
         return load_manifest(dir_or_repo_id, revision=revision, token=token)
 
@@ -328,7 +328,7 @@ def gguf_dequantize_config() -> Any:
 
 
 def _hub_id(name: Any) -> str | None:
-    from .hub import looks_like_hub_id
+    from .sharing.hub import looks_like_hub_id
 
     return str(name) if name and not Path(str(name)).exists() and looks_like_hub_id(str(name)) else None
 

@@ -56,7 +56,7 @@ def _parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 def _manifest_keys(manifest: dict[str, Any] | str | os.PathLike) -> tuple[list[str], dict[str, int]]:
     """Targeted tensor keys of a manifest (dict, file or directory) and the zeros each should have."""
     if not isinstance(manifest, dict):
-        from .verify import load_manifest
+        from .sharing.verify import load_manifest
 
         manifest = load_manifest(manifest)
     keys: list[str] = []
@@ -77,7 +77,7 @@ def _manifest_keys(manifest: dict[str, Any] | str | os.PathLike) -> tuple[list[s
 
 def _block_keys(model: nn.Module, blocks: str | None) -> list[str]:
     """Keys of every prunable weight inside the decoder blocks (the engine's own target rules)."""
-    from .models import find_blocks, find_targets
+    from .engine.targets import find_blocks, find_targets
 
     path, block_list = find_blocks(model, blocks)
     names = {id(p): canonical_name(n) for n, p in model.named_parameters(remove_duplicate=False)}

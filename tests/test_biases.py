@@ -8,7 +8,7 @@ from tiny_models import build, token_ids
 from transformers import AutoModelForCausalLM
 
 from optimum_statprune import StatPruneConfig, StatPruner
-from optimum_statprune.biases import declare_added_biases
+from optimum_statprune.engine.biases import declare_added_biases
 
 BIAS_CONFIG = {"method": "wanda", "compensation": "bias", "add_bias": True, "batch_size": 4}
 

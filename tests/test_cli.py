@@ -26,7 +26,7 @@ from tiny_models import build, tiny_tokenizer
 
 from optimum_statprune import StatPruneConfig, cli
 from optimum_statprune.config import CONFIG_NAME
-from optimum_statprune.manifest import MANIFEST_NAME
+from optimum_statprune.sharing.manifest import MANIFEST_NAME
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--nsamples", "4", "--seqlen", "32", "--quiet"]

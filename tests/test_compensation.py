@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from optimum_statprune.compensation import (
+from optimum_statprune.tensor_math.compensation import (
     activation_energy_row_scale,
     bias_shift,
     compensate,
@@ -20,8 +20,8 @@ from optimum_statprune.compensation import (
     lsq_row_scale,
     output_error,
 )
-from optimum_statprune.masks import nm_mask, unstructured_mask
-from optimum_statprune.stats import ChannelStats
+from optimum_statprune.tensor_math.masks import nm_mask, unstructured_mask
+from optimum_statprune.tensor_math.stats import ChannelStats
 
 FAST = settings(max_examples=50, deadline=None)
 STEPS = ["column", "row", "column,row", "row,column"]

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from optimum_statprune import corpora
-from optimum_statprune.data import (
+from optimum_statprune.data import corpora
+from optimum_statprune.data.texts import (
     JOIN_SEPARATOR,
     DataError,
     calibration_windows,
@@ -176,7 +176,7 @@ def test_hub_presets_fail_when_unreachable(monkeypatch):
         load_texts("wikitext2")  # the connection probe hits the no_network fixture
 
     # A failure inside datasets (reachable host, then an error) is reported the same way.
-    import optimum_statprune.data as data
+    import optimum_statprune.data.texts as data
 
     def connection_error(*args, **kwargs):
         raise ConnectionError("Couldn't reach 'allenai/c4' on the Hub")
@@ -255,7 +255,7 @@ def test_too_little_text_says_how_much(tokenizer):
 
 
 def test_overlapping_calibration_windows_warn(tokenizer, caplog):
-    with caplog.at_level(logging.WARNING, logger="optimum_statprune.data"):
+    with caplog.at_level(logging.WARNING, logger="optimum_statprune.data.texts"):
         w = calibration_windows(make_text(100), tokenizer, nsamples=10, seqlen=50, seed=0)
     assert w.shape == (10, 50)
     assert "overlap" in caplog.text
@@ -282,7 +282,7 @@ def test_evaluation_windows_non_overlapping(tokenizer):
 
 
 def test_evaluation_windows_more_than_available_warns(caplog):
-    with caplog.at_level(logging.WARNING, logger="optimum_statprune.data"):
+    with caplog.at_level(logging.WARNING, logger="optimum_statprune.data.texts"):
         w = evaluation_windows(torch.arange(100), None, seqlen=30, max_windows=10)
     assert w.shape == (3, 30)
     assert "only 3" in caplog.text
@@ -295,12 +295,12 @@ def test_resolve_seqlen_caps_with_warning(caplog):
     from transformers import GPT2Config, LlamaConfig
 
     llama = LlamaConfig(max_position_embeddings=128)
-    with caplog.at_level(logging.WARNING, logger="optimum_statprune.data"):
+    with caplog.at_level(logging.WARNING, logger="optimum_statprune.data.texts"):
         assert resolve_seqlen(2048, llama) == 128
     assert "2048" in caplog.text and "max_position_embeddings=128" in caplog.text
 
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="optimum_statprune.data"):
+    with caplog.at_level(logging.WARNING, logger="optimum_statprune.data.texts"):
         assert resolve_seqlen(64, llama) == 64
         assert resolve_seqlen(512, {"some": 1}) == 512
     assert caplog.text == ""

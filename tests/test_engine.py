@@ -12,9 +12,9 @@ from tiny_models import BUILDERS, build, token_ids
 from transformers import AutoModelForCausalLM
 
 from optimum_statprune import StatPruneConfig, StatPruner
-from optimum_statprune.engine import _call_block, capture_block_inputs, iter_batches
-from optimum_statprune.manifest import MANIFEST_NAME, tensor_sha256
-from optimum_statprune.models import UnsupportedModelError, find_blocks, find_targets
+from optimum_statprune.engine.loop import _call_block, capture_block_inputs, iter_batches
+from optimum_statprune.engine.targets import UnsupportedModelError, find_blocks, find_targets
+from optimum_statprune.sharing.manifest import MANIFEST_NAME, tensor_sha256
 
 ARCHS = sorted(BUILDERS)
 
@@ -279,7 +279,7 @@ def test_activation_methods_need_calibration():
 
 
 def test_targets_reading_one_tensor_share_one_accumulator():
-    from optimum_statprune.engine import BlockInputs, Observer, _observe
+    from optimum_statprune.engine.loop import BlockInputs, Observer, _observe
 
     model = build("llama")
     path, blocks = find_blocks(model)

@@ -13,9 +13,16 @@ from fake_hub import READ_ONLY_TOKEN, USER, VALID_TOKEN, fake_hub_session
 from tiny_models import build, tiny_tokenizer, token_ids
 
 from optimum_statprune import StatPruneConfig, StatPruner
-from optimum_statprune.hub import HubError, download, layer_type, model_card, push_to_hub, sparsity_by_type
-from optimum_statprune.manifest import MANIFEST_NAME, read_manifest, write_manifest
-from optimum_statprune.verify import load_manifest
+from optimum_statprune.sharing.hub import (
+    HubError,
+    download,
+    layer_type,
+    model_card,
+    push_to_hub,
+    sparsity_by_type,
+)
+from optimum_statprune.sharing.manifest import MANIFEST_NAME, read_manifest, write_manifest
+from optimum_statprune.sharing.verify import load_manifest
 
 BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
 REPO = f"{USER}/tiny-llama-2of4"

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from optimum_statprune.masks import make_mask, nm_mask, prune_count, unstructured_mask
+from optimum_statprune.tensor_math.masks import make_mask, nm_mask, prune_count, unstructured_mask
 
 FAST = settings(max_examples=80, deadline=None)
 

@@ -16,8 +16,8 @@ from tiny_models import VOCAB, token_ids
 from transformers import AutoModelForCausalLM
 
 from optimum_statprune import StatPruneConfig, StatPruner
-from optimum_statprune.models import find_blocks, find_targets
-from optimum_statprune.offload import _source, offloaded_tensor
+from optimum_statprune.engine.offload import _source, offloaded_tensor
+from optimum_statprune.engine.targets import find_blocks, find_targets
 
 # Blocks and outside modules alternate between host and disk offload; the main device is the CPU.
 DEVICE_MAP = {

@@ -10,8 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from optimum_statprune.masks import make_mask, prune_count
-from optimum_statprune.owl import (
+from optimum_statprune.tensor_math.masks import make_mask, prune_count
+from optimum_statprune.tensor_math.owl import (
     count_sparsity,
     outlier_ratio,
     owl_allocate,

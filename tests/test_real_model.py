@@ -12,15 +12,15 @@ import pytest
 import torch
 
 from optimum_statprune import StatPruneConfig, StatPruner
-from optimum_statprune.data import calibration_windows, evaluation_windows
+from optimum_statprune.data.texts import calibration_windows, evaluation_windows
+from optimum_statprune.engine.targets import find_blocks, find_targets
 from optimum_statprune.evaluate import perplexity
-from optimum_statprune.models import find_blocks, find_targets
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SEQLEN = 128
 
 try:
-    from optimum_statprune.packaged import smollm2_gguf
+    from optimum_statprune.data.packaged import smollm2_gguf
 
     GGUF = smollm2_gguf()
 except FileNotFoundError:  # pragma: no cover - CI installs it

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from optimum_statprune import StatPruneConfig
-from optimum_statprune.scores import (
+from optimum_statprune.tensor_math.scores import (
     cvr_score,
     layer_scores,
     magnitude_score,
@@ -16,7 +16,7 @@ from optimum_statprune.scores import (
     wanda_score,
     weight_dispersion,
 )
-from optimum_statprune.stats import ChannelStats
+from optimum_statprune.tensor_math.stats import ChannelStats
 
 D_OUT, D_IN, N_TOK = 5, 7, 23
 

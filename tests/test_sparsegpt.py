@@ -10,8 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from optimum_statprune.masks import prune_count, unstructured_mask
-from optimum_statprune.sparsegpt import HessianAccumulator, sparsegpt_prune
+from optimum_statprune.tensor_math.masks import prune_count, unstructured_mask
+from optimum_statprune.tensor_math.sparsegpt import HessianAccumulator, sparsegpt_prune
 
 FAST = settings(max_examples=25, deadline=None)
 
@@ -388,7 +388,7 @@ def test_block_errors_are_the_column_by_column_substitution():
     """The batched triangular solve gives, row by row, the errors of the loop it replaces, written here as
     the plain float64 recurrence e_i = drop_i (w_i - sum_{j<i} e_j U_ji) / U_ii over a block whose rows
     drop different numbers of columns (as lookahead and per-layer budgets do)."""
-    from optimum_statprune.sparsegpt import _block_errors
+    from optimum_statprune.tensor_math.sparsegpt import _block_errors
 
     gen = torch.Generator().manual_seed(3)
     rows, count = 7, 12

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from optimum_statprune.stats import ChannelStats, token_keys
+from optimum_statprune.tensor_math.stats import ChannelStats, token_keys
 
 FAST = settings(max_examples=60, deadline=None)
 

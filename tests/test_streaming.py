@@ -16,9 +16,10 @@ from safetensors.torch import load_file
 from tiny_models import build, tiny_tokenizer, token_ids
 from transformers import AutoModelForCausalLM
 
-from optimum_statprune import StatPruneConfig, StatPruner, streaming
-from optimum_statprune.manifest import MANIFEST_NAME
-from optimum_statprune.streaming import ResumeMismatchError
+from optimum_statprune import StatPruneConfig, StatPruner
+from optimum_statprune.engine import streaming
+from optimum_statprune.engine.streaming import ResumeMismatchError
+from optimum_statprune.sharing.manifest import MANIFEST_NAME
 
 TESTS = Path(__file__).resolve().parent
 
@@ -72,7 +73,7 @@ def test_moe_checkpoint_needing_conversion_streams_bit_for_bit(tmp_path, arch, m
     """A checkpoint with one tensor per expert (fused by transformers on load) streams block by block: each
     block is converted on read and back on write, so the output has the checkpoint's own keys and equals
     the in-memory prune-and-save bit for bit, manifest included; it verifies, and a killed run resumes."""
-    from optimum_statprune.verify import verify
+    from optimum_statprune.sharing.verify import verify
 
     src = tmp_path / "src"
     build(arch).save_pretrained(src, max_shard_size="60KB")
@@ -118,7 +119,7 @@ _CRASHING_RUN = textwrap.dedent(
     sys.path.insert(0, {tests!r})
     from tiny_models import token_ids
     from optimum_statprune import StatPruneConfig, StatPruner
-    import optimum_statprune.streaming as streaming
+    import optimum_statprune.engine.streaming as streaming
 
     recorded = []
     original = streaming.ShardWriter._record

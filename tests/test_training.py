@@ -8,14 +8,14 @@ from tiny_models import build, token_ids
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 from optimum_statprune import StatPruneConfig, StatPruner
-from optimum_statprune.manifest import read_manifest
+from optimum_statprune.sharing.manifest import read_manifest
+from optimum_statprune.sharing.verify import verify
 from optimum_statprune.training import (
     SparsityMasks,
     SparsityPreservingCallback,
     canonical_name,
     remask_merged_lora,
 )
-from optimum_statprune.verify import verify
 
 
 class _Cycles(torch.utils.data.Dataset):

@@ -12,8 +12,8 @@ from safetensors.torch import load_file, save_file
 from tiny_models import build, token_ids
 
 from optimum_statprune import StatPruneConfig, StatPruner
-from optimum_statprune.manifest import MANIFEST_NAME, read_manifest
-from optimum_statprune.verify import load_manifest, verify
+from optimum_statprune.sharing.manifest import MANIFEST_NAME, read_manifest
+from optimum_statprune.sharing.verify import load_manifest, verify
 
 LAYER = "model.layers.1.mlp.down_proj"
 KEY = f"{LAYER}.weight"
@@ -154,7 +154,7 @@ def test_load_manifest_from_a_directory_or_a_file(nm):
 
 
 def test_verify_a_hub_repo(monkeypatch, tmp_path, nm):
-    from optimum_statprune.hub import push_to_hub
+    from optimum_statprune.sharing.hub import push_to_hub
 
     with fake_hub_session(monkeypatch, tmp_path) as hub:
         push_to_hub(nm, "tester/clean", token=VALID_TOKEN)

@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import (
+from ..config import (
     ACTIVATION_STATS,
     COMPENSATIONS,
     CONFIG_NAME,
@@ -491,7 +491,7 @@ def _version() -> str:
     try:
         return importlib.metadata.version("optimum-statprune")
     except importlib.metadata.PackageNotFoundError:  # pragma: no cover - running from a checkout
-        from . import __version__
+        from .. import __version__
 
         return __version__
 
@@ -714,7 +714,7 @@ def resolve_model(spec: str, gguf_file: str | None = None, flag: str = "--model"
     """A local directory, a ``.gguf`` file, a Hub id, or the ``smollm2-135m`` alias; missing local
     paths are a ``UsageError`` before anything is loaded."""
     if spec.lower() == SMOLLM2_ALIAS:
-        from .packaged import smollm2_gguf
+        from ..data.packaged import smollm2_gguf
 
         try:
             directory, filename = smollm2_gguf()
@@ -752,7 +752,7 @@ def eval_split(source: str, split: str | None = None) -> str | None:
     """The evaluation split of a Hub preset (c4: validation, wikitext2: test); else ``split``."""
     if split is not None:
         return split
-    from .data import PRESET_ALIASES
+    from ..data.texts import PRESET_ALIASES
 
     preset = PRESET_ALIASES.get(source.lower())
     return {"c4": "validation", "wikitext2": "test"}.get(preset) if preset else None
@@ -760,8 +760,8 @@ def eval_split(source: str, split: str | None = None) -> str | None:
 
 def load_source(source: str, flag: str, split: str | None = None, text_field: str = "text") -> list[str]:
     """Texts of a source, with one-line usage errors for missing or unreadable local files."""
-    from .corpora import CORPORA
-    from .data import LOCAL_FORMATS, DataError, load_texts
+    from ..data.corpora import CORPORA
+    from ..data.texts import LOCAL_FORMATS, DataError, load_texts
 
     path = Path(source).expanduser()
     looks_local = path.suffix.lower() in {".txt", *LOCAL_FORMATS} or source.startswith((".", "/", "~"))
@@ -787,7 +787,7 @@ def load_source(source: str, flag: str, split: str | None = None, text_field: st
 
 
 def _gguf_dequantize_config() -> Any:
-    from .pruner import gguf_dequantize_config
+    from ..pruner import gguf_dequantize_config
 
     return gguf_dequantize_config()
 
@@ -848,7 +848,7 @@ def load_tokenizer(ref: ModelRef, args: argparse.Namespace, required: bool) -> A
 
 def make_pruner(ref: ModelRef, args: argparse.Namespace, config: StatPruneConfig, tokenizer: Any) -> Any:
     """A StatPruner over ``ref`` (weights are loaded on first use, or streamed by ``prune(output_dir=)``)."""
-    from .pruner import StatPruner
+    from ..pruner import StatPruner
 
     logger.info("model %s%s", ref.label, f" ({ref.gguf_file})" if ref.gguf_file else "")
     with _loading(ref.label):
@@ -892,7 +892,7 @@ def load_model(ref: ModelRef, args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def _resolve_seqlen(seqlen: int, model_or_config: Any) -> int:
-    from .data import resolve_seqlen
+    from ..data.texts import resolve_seqlen
 
     return resolve_seqlen(seqlen, getattr(model_or_config, "config", model_or_config))
 
@@ -901,7 +901,7 @@ def measure_perplexity(model: Any, windows: Any, args: argparse.Namespace, batch
     """Perplexity on ``windows``; with ``--device`` the model visits that device and comes back."""
     import torch
 
-    from .evaluate import perplexity
+    from ..evaluate import perplexity
 
     device = getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else None)
     home = next(model.parameters()).device
@@ -922,7 +922,7 @@ def _report_totals(layers: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _write_json(path: str, data: dict[str, Any]) -> None:
-    from .io import atomic_write_text
+    from ..checkpoint.atomic import atomic_write_text
 
     p = Path(path).expanduser()
     p.parent.mkdir(parents=True, exist_ok=True)
@@ -973,7 +973,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     _require_dense(model_config, ref)
     tokenizer = load_tokenizer(ref, args, required=cal_texts is not None or eval_texts is not None)
 
-    from .data import calibration_windows, evaluation_windows
+    from ..data.texts import calibration_windows, evaluation_windows
 
     seqlen = _resolve_seqlen(config.seqlen, model_config)
     if seqlen != config.seqlen:
@@ -1029,7 +1029,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def _record_evaluation(saved: str, evaluation: dict[str, Any]) -> None:
     """Keep the perplexities in the manifest, so the model card can show them."""
-    from .manifest import read_manifest, write_manifest
+    from ..sharing.manifest import read_manifest, write_manifest
 
     manifest = read_manifest(saved)
     manifest["evaluation"] = {"perplexity": {k: evaluation[k] for k in ("source", "windows", "seqlen")}
@@ -1039,7 +1039,7 @@ def _record_evaluation(saved: str, evaluation: dict[str, Any]) -> None:
 
 def _push(folder: str | Path, repo_id: str, private: bool, token: str | None, message: str | None,
           revision: str | None, check: bool) -> None:
-    from .hub import push_to_hub
+    from ..sharing.hub import push_to_hub
 
     url = push_to_hub(folder, repo_id, private=private, token=token, commit_message=message, revision=revision, check=check)
     print(f"pushed {folder} to {repo_id}: {getattr(url, 'commit_url', None) or url}")
@@ -1056,7 +1056,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     target = args.target
     if not Path(target).expanduser().exists() and (not _HUB_ID_RE.fullmatch(target) or target.startswith((".", "~"))):
         raise UsageError(f"{target}: no such directory; give a pruned model directory or a Hub repository id (org/name)")
-    from .verify import verify
+    from ..sharing.verify import verify
 
     report = verify(args.target, revision=args.revision, token=args.token, hashes=not args.no_hashes)
     print(report.summary())
@@ -1094,8 +1094,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _require_gguf_package(ref)
     texts = load_source(args.data, "--data", split=eval_split(args.data, args.split), text_field=args.text_field)
 
-    from .data import evaluation_windows
-    from .evaluate import sparsity_report
+    from ..data.texts import evaluation_windows
+    from ..evaluate import sparsity_report
 
     model, tokenizer = load_model(ref, args)
     seqlen = _resolve_seqlen(args.seqlen, model)
@@ -1143,7 +1143,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _read_manifest(ref: ModelRef) -> dict[str, Any] | None:
-    from .manifest import MANIFEST_NAME
+    from ..sharing.manifest import MANIFEST_NAME
 
     if not ref.local:
         return None
@@ -1201,9 +1201,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     model_config = load_model_config(ref, args)
     tokenizer = load_tokenizer(ref, args, required=True)
 
-    from .data import calibration_windows, evaluation_windows
-    from .evaluate import sparsity_report
-    from .pruner import StatPruner
+    from ..data.texts import calibration_windows, evaluation_windows
+    from ..evaluate import sparsity_report
+    from ..pruner import StatPruner
 
     seqlen = _resolve_seqlen(base.seqlen, model_config)
     model = loaded_model(make_pruner(ref, args, base, tokenizer), ref)
@@ -1330,7 +1330,7 @@ def write_png(rows: list[dict[str, Any]], path: str, title: str) -> None:
 # ------------------------------------------------------------------------------------------------ demo
 def demo_missing_packages() -> list[str]:
     """The pip commands the offline demo still needs (empty when everything is there)."""
-    from .corpora import DATA_DIR_ENV
+    from ..data.corpora import DATA_DIR_ENV
 
     missing = []
     try:

@@ -20,15 +20,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..config import StatPruneConfig
+from ..tensor_math.compensation import compensate
+from ..tensor_math.masks import make_mask
+from ..tensor_math.owl import OWLAllocation, outlier_ratio, owl_allocate
+from ..tensor_math.scores import layer_scores, wanda_score
+from ..tensor_math.sparsegpt import HessianAccumulator, sparsegpt_prune
+from ..tensor_math.stats import ChannelStats
 from . import offload
-from .compensation import compensate
-from .config import StatPruneConfig
-from .masks import make_mask
-from .models import Target, find_blocks, find_targets, text_config
-from .owl import OWLAllocation, outlier_ratio, owl_allocate
-from .scores import layer_scores, wanda_score
-from .sparsegpt import HessianAccumulator, sparsegpt_prune
-from .stats import ChannelStats
+from .targets import Target, find_blocks, find_targets, text_config
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .io import atomic_write_text
+from ..checkpoint.atomic import atomic_write_text
 
 MANIFEST_NAME = "pruning_manifest.json"
 MANIFEST_SCHEMA_VERSION = 1

@@ -30,8 +30,8 @@ import logging
 import os
 from pathlib import Path
 
-from .data import DataError
-from .io import atomic_write_text
+from ..checkpoint.atomic import atomic_write_text
+from .texts import DataError
 
 logger = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from accelerate.utils import OffloadedWeightsLoader, PrefixedDataset
 from safetensors.torch import save_file
 from torch import nn
 
-from .models import Target
+from .targets import Target
 
 _META = torch.device("meta")
 

@@ -36,9 +36,11 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from .config import StatPruneConfig
+from ..checkpoint.atomic import atomic_write_text
+from ..config import StatPruneConfig
+from ..sharing.manifest import build_manifest, pruning_config_block, tensor_sha256, write_manifest
 from .conversion import CheckpointConversion
-from .engine import (
+from .loop import (
     BlockInputs,
     CalibrationBatch,
     PruneReport,
@@ -47,9 +49,7 @@ from .engine import (
     choose_placement,
     prune_blocks,
 )
-from .io import atomic_write_text
-from .manifest import build_manifest, pruning_config_block, tensor_sha256, write_manifest
-from .models import find_blocks, find_targets
+from .targets import find_blocks, find_targets
 
 logger = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .io import atomic_write_text
+from ..checkpoint.atomic import atomic_write_text
 from .manifest import MANIFEST_NAME, read_manifest
 
 logger = logging.getLogger(__name__)
@@ -165,7 +165,7 @@ def _card_body(manifest: dict[str, Any], base: str | None, title: str) -> str:
     lines += ["", "## Use", "", "```python", "from transformers import AutoModelForCausalLM", "",
               f'model = AutoModelForCausalLM.from_pretrained("{title}")', "```", "",
               "Check the files against the manifest (hashes, sparsity, N:M groups) without loading the model:", "",
-              "```python", "from optimum_statprune.verify import verify", "", f'print(verify("{title}"))', "```", "",
+              "```python", "from optimum_statprune.sharing.verify import verify", "", f'print(verify("{title}"))', "```", "",
               "Fine-tuning? Keep the zeros with `optimum_statprune.training.SparsityPreservingCallback`; after "
               "merging a LoRA adapter, re-mask with `remask_merged_lora`.", ""]
     lines += ["## Reproduce", "", *_reproduce(manifest, base), ""]
@@ -206,7 +206,7 @@ def _fmt(value: Any) -> str:
 
 
 def _reproduce(manifest: dict[str, Any], base: str | None) -> list[str]:
-    from .config import StatPruneConfig
+    from ..config import StatPruneConfig
 
     cfg = dict(manifest.get("config") or {})
     cal = manifest.get("calibration") or {}
@@ -317,7 +317,7 @@ def push_to_hub(
         if not report.ok:
             raise HubError(
                 f"{folder} does not match its manifest ({report.summary()}); not pushing it "
-                "(print(optimum_statprune.verify.verify(folder)) lists the problems)"
+                "(print(optimum_statprune.sharing.verify.verify(folder)) lists the problems)"
             )
     write_model_card(folder, base_model, repo_id)
     api = HfApi(endpoint=endpoint, token=token)

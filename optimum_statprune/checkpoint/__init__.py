@@ -1,0 +1,1 @@
+"""Reading and writing checkpoints: safetensors shards, indexes, atomic files and directories."""

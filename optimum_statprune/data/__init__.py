@@ -1,0 +1,1 @@
+"""Calibration and evaluation text: local files, datasets, the offline corpora, token windows."""

@@ -1,0 +1,1 @@
+"""Pure tensor math: channel statistics, scores, masks, compensation, OWL, SparseGPT's solver."""
