@@ -13,6 +13,7 @@ import torch
 from optimum.quantization_base import OptimumQuantizer
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from .checkpoint.shards import tensor_sha256
 from .config import StatPruneConfig
 from .engine.biases import declare_added_biases
 from .engine.loop import CalibrationBatch, PruneReport, default_device, iter_batches, prune_model
@@ -23,7 +24,6 @@ from .sharing.manifest import (
     build_manifest,
     calibration_fingerprint,
     pruning_config_block,
-    tensor_sha256,
     write_manifest,
 )
 

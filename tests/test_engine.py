@@ -12,9 +12,10 @@ from tiny_models import BUILDERS, build, token_ids
 from transformers import AutoModelForCausalLM
 
 from optimum_statprune import StatPruneConfig, StatPruner
+from optimum_statprune.checkpoint.shards import tensor_sha256
 from optimum_statprune.engine.loop import _call_block, capture_block_inputs, iter_batches
 from optimum_statprune.engine.targets import UnsupportedModelError, find_blocks, find_targets
-from optimum_statprune.sharing.manifest import MANIFEST_NAME, tensor_sha256
+from optimum_statprune.sharing.manifest import MANIFEST_NAME
 
 ARCHS = sorted(BUILDERS)
 

@@ -17,6 +17,7 @@ from tiny_models import build, tiny_tokenizer, token_ids
 from transformers import AutoModelForCausalLM
 
 from optimum_statprune import StatPruneConfig, StatPruner
+from optimum_statprune.checkpoint import shards
 from optimum_statprune.engine import streaming
 from optimum_statprune.engine.streaming import ResumeMismatchError
 from optimum_statprune.sharing.manifest import MANIFEST_NAME
@@ -317,13 +318,13 @@ def test_read_to_host_matches_safetensors(tmp_path):
                "i64": torch.arange(5), "bool": torch.tensor([True, False, True]), "scalar": torch.tensor(2.5),
                "empty": torch.zeros(0, 3)}
     save_file(tensors, tmp_path / "t.safetensors")
-    read, buffer = streaming.read_to_host({tmp_path / "t.safetensors": None})
+    read, buffer = shards.read_to_host({tmp_path / "t.safetensors": None})
     assert set(read) == set(tensors)
     for k, v in tensors.items():
         assert read[k].dtype == v.dtype and read[k].shape == v.shape and torch.equal(read[k], v), k
-    part, _ = streaming.read_to_host({tmp_path / "t.safetensors": ["bf16", "i64"]})
+    part, _ = shards.read_to_host({tmp_path / "t.safetensors": ["bf16", "i64"]})
     assert set(part) == {"bf16", "i64"} and torch.equal(part["bf16"], tensors["bf16"])
-    assert streaming._sha256(tensors["f32"]) == streaming.tensor_sha256(tensors["f32"])
+    assert shards.sha256_in_place(tensors["f32"]) == shards.tensor_sha256(tensors["f32"])
 
 
 @pytest.mark.parametrize("owl", [False, True])

@@ -16,7 +16,6 @@ the shards, then of the directory) and only then records the blocks in ``statpru
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -36,9 +35,17 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from ..checkpoint.atomic import atomic_write_text
+from ..checkpoint.atomic import atomic_write_text, fsync_path
+from ..checkpoint.shards import (
+    INDEX_NAME,
+    CheckpointReader,
+    aligned_nbytes,
+    read_to_host,
+    sha256_in_place,
+    shard_name,
+)
 from ..config import StatPruneConfig
-from ..sharing.manifest import build_manifest, pruning_config_block, tensor_sha256, write_manifest
+from ..sharing.manifest import build_manifest, pruning_config_block, write_manifest
 from .conversion import CheckpointConversion
 from .loop import (
     BlockInputs,
@@ -54,7 +61,6 @@ from .targets import find_blocks, find_targets
 logger = logging.getLogger(__name__)
 
 STATE_NAME = "statprune_state.json"
-INDEX_NAME = "model.safetensors.index.json"
 
 # Defaults of prune_checkpoint's I/O knobs (module attributes so that benchmarks can A/B them).
 PREFETCH = True
@@ -63,147 +69,10 @@ SYNC = "background"  # or "inline": fsync each shard in its writer thread (the b
 REUSE_WRITE_BUFFERS = True  # False: a fresh host buffer per block on its way to the writer (the old behaviour)
 PIN_WRITE_BUFFERS = True  # pinned when the compute device is a GPU (H200, 7B: 21.5 s vs 23.8 s end to end)
 
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("U16", "uint16"),
-                     ("U32", "uint32"), ("U64", "uint64")):
-    if hasattr(torch, _attr):
-        _SAFETENSORS_DTYPES[_name] = getattr(torch, _attr)
-_ALIGN = 64  # byte alignment of each tensor inside a pinned staging buffer
-
-
-def _aligned(nbytes: int) -> int:
-    return -(-nbytes // _ALIGN) * _ALIGN
 
 
 class ResumeMismatchError(ValueError):
     """An unfinished run with different settings occupies the output's partial directory."""
-
-
-class CheckpointReader:
-    """Tensors of a (sharded) safetensors checkpoint, by name, read straight to a device."""
-
-    def __init__(self, directory: str | os.PathLike):
-        self.directory = Path(directory)
-        index = self.directory / INDEX_NAME
-        if index.is_file():
-            self.weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-        else:
-            single = self.directory / "model.safetensors"
-            if not single.is_file():
-                raise FileNotFoundError(f"{self.directory} holds no safetensors checkpoint ({INDEX_NAME} or model.safetensors)")
-            with safe_open(single, framework="pt") as f:
-                self.weight_map = dict.fromkeys(f.keys(), single.name)
-
-    def tensor_names(self) -> list[str]:
-        return list(self.weight_map)
-
-    def read(self, keys: Sequence[str], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-        """Read ``keys``, opening each shard once; handles are closed again so no mapping lingers."""
-        by_file: dict[str, list[str]] = {}
-        for k in keys:
-            by_file.setdefault(self.weight_map[k], []).append(k)
-        out = {}
-        for file, names in by_file.items():
-            with safe_open(self.directory / file, framework="pt", device=str(device)) as f:
-                for k in names:
-                    out[k] = f.get_tensor(k)
-        return out
-
-    def files(self, keys: Sequence[str]) -> dict[Path, list[str]]:
-        """``keys`` grouped by the shard that holds them."""
-        by_file: dict[Path, list[str]] = {}
-        for k in keys:
-            by_file.setdefault(self.directory / self.weight_map[k], []).append(k)
-        return by_file
-
-    def fingerprint(self) -> str:
-        """Identifies the checkpoint: names, sizes and mtimes of its shards."""
-        h = hashlib.sha256()
-        for file in sorted(set(self.weight_map.values())):
-            st = (self.directory / file).stat()
-            h.update(f"{file}:{st.st_size}:{int(st.st_mtime)}".encode())
-        return h.hexdigest()
-
-
-def _safetensors_header(path: Path) -> tuple[int, dict[str, Any]]:
-    """Byte offset where the data starts, and the tensor entries (dtype, shape, data_offsets)."""
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
-    return 8 + n, header
-
-
-def _read_exact(f, offset: int, out: torch.Tensor) -> None:
-    """Fill the 1-d uint8 CPU tensor ``out`` from ``offset`` of the unbuffered file ``f`` (no mmap; the
-    read releases the GIL)."""
-    view = memoryview(out.numpy()).cast("B")
-    f.seek(offset)
-    pos = 0
-    while pos < len(view):
-        n = f.readinto(view[pos:])
-        if not n:
-            raise EOFError(f"{f.name} ends before byte {offset + len(view)}")
-        pos += n
-
-
-def read_to_host(files: dict[Path, list[str] | None], staging: torch.Tensor | None = None,
-                 pin: bool = False) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-    """Read tensors (``None``: all of a file's) with plain reads into host memory, bytes unchanged.
-
-    The tensors are views into one buffer (one large allocation, which the C allocator maps and unmaps as a
-    whole: many mid-size ones made on this thread and freed on another fragment its heap). With ``pin`` the
-    buffer is pinned and reused as ``staging`` while large enough, so the tensors must be copied to the
-    device before the next read. Returns the tensors and the buffer."""
-    plan = []
-    for path, names in files.items():
-        start, header = _safetensors_header(path)
-        for name in header if names is None else names:
-            entry = header[name]
-            begin, end = entry["data_offsets"]
-            plan.append((path, start + begin, end - begin, _SAFETENSORS_DTYPES[entry["dtype"]], entry["shape"], name))
-    out: dict[str, torch.Tensor] = {}
-    total, offset = 0, []
-    for item in plan:
-        offset.append(total)
-        total += _aligned(item[2])
-    if not pin:
-        staging = torch.empty(max(total, 1), dtype=torch.uint8)
-    elif staging is None or staging.numel() < total:
-        staging = torch.empty(max(total, 1), dtype=torch.uint8, pin_memory=True)
-    slots = [staging[o : o + item[2]] for o, item in zip(offset, plan, strict=True)]
-    by_file: dict[Path, list[int]] = {}
-    for j, item in enumerate(plan):
-        by_file.setdefault(item[0], []).append(j)
-    for path, js in by_file.items():
-        with open(path, "rb", buffering=0) as f:
-            for j in sorted(js, key=lambda j: plan[j][1]):  # in file order
-                _read_exact(f, plan[j][1], slots[j])
-    for (_, _, _, dtype, shape, name), slot in zip(plan, slots, strict=True):
-        out[name] = slot.view(dtype).view(shape)
-    return out, staging
-
-
-def _sha256(tensor: torch.Tensor) -> str:
-    """``manifest.tensor_sha256`` of a contiguous CPU tensor, hashed in place (no copy of its bytes; hashlib
-    releases the GIL)."""
-    if tensor.device.type != "cpu" or not tensor.is_contiguous():
-        return tensor_sha256(tensor)
-    return hashlib.sha256(memoryview(tensor.reshape(-1).view(torch.uint8).numpy())).hexdigest()
-
-
-def _fsync_path(path: Path, directory: bool = False) -> None:
-    if directory and os.name == "nt":  # directories cannot be opened for fsync there
-        return
-    fd = os.open(path, (os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)) if directory else os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _available_host_memory() -> int | None:
@@ -224,10 +93,6 @@ def writer_threads_for(block_bytes: int) -> int:
     """2 writer threads when host memory has room for many more blocks than they hold, else 1."""
     available = _available_host_memory()
     return 2 if available is not None and available > 16 * block_bytes else 1
-
-
-def shard_name(index: int, total: int) -> str:
-    return f"model-{index + 1:05d}-of-{total:05d}.safetensors"
 
 
 class HostBufferPool:
@@ -342,13 +207,13 @@ class ShardWriter:
         tmp = self.partial / f".{name}.tmp"
         save_file(tensors, tmp, metadata={"format": "pt"})
         if self.sync == "inline":
-            _fsync_path(tmp)
+            fsync_path(tmp)
         os.replace(tmp, self.partial / name)
 
     def _write_file(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
         self._save(name, tensors)
         if self.sync == "inline":
-            _fsync_path(self.partial, directory=True)
+            fsync_path(self.partial, directory=True)
         else:
             self._written.put((None, name, None))
 
@@ -359,7 +224,7 @@ class ShardWriter:
             key, expert = hashed[rec["name"]]
             t = tensors[key] if expert is None else tensors[key][expert]
             rec["tensor"] = key
-            digests[rec["name"]] = self._hashers.submit(_sha256, t)
+            digests[rec["name"]] = self._hashers.submit(sha256_in_place, t)
         if self.to_checkpoint is not None:  # hashed as the model holds it, written as the checkpoint had it
             tensors = self.to_checkpoint(tensors)
         self._save(name, tensors)
@@ -367,7 +232,7 @@ class ShardWriter:
             rec["sha256"] = digests[rec["name"]].result()
         entry = {"shard": name, "keys": sorted(tensors), "layers": records}
         if self.sync == "inline":
-            _fsync_path(self.partial, directory=True)
+            fsync_path(self.partial, directory=True)
             self._record(index, entry)
         else:
             self._written.put((index, name, entry))
@@ -389,8 +254,8 @@ class ShardWriter:
                 continue
             try:
                 for _, name, _ in items:
-                    _fsync_path(self.partial / name)
-                _fsync_path(self.partial, directory=True)
+                    fsync_path(self.partial / name)
+                fsync_path(self.partial, directory=True)
                 for index, _, entry in items:
                     if index is not None:
                         self._record(index, entry)
@@ -577,7 +442,7 @@ class StreamingBlockStore:
 
 
 def _packed_size(named: list[tuple[str, torch.Tensor]]) -> int:
-    return sum(_aligned(v.numel() * v.element_size()) for _, v in named)
+    return sum(aligned_nbytes(v.numel() * v.element_size()) for _, v in named)
 
 
 def _pack(prefix: str, named: list[tuple[str, torch.Tensor]], buffer: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -588,7 +453,7 @@ def _pack(prefix: str, named: list[tuple[str, torch.Tensor]], buffer: torch.Tens
         dst = buffer[offset : offset + nbytes].view(v.dtype).view(v.shape)
         dst.copy_(v.detach())
         out[prefix + k] = dst
-        offset += _aligned(nbytes)
+        offset += aligned_nbytes(nbytes)
     return out
 
 
@@ -731,12 +596,12 @@ def prune_checkpoint(
     shards = set(weight_map.values())
     for f in partial.iterdir():  # the small files (config, tokenizer, manifest); shards are durable already
         if f.is_file() and f.name not in shards:
-            _fsync_path(f)
-    _fsync_path(partial, directory=True)
+            fsync_path(f)
+    fsync_path(partial, directory=True)
     if output.exists():
         shutil.rmtree(output)
     os.replace(partial, output)
-    _fsync_path(output.parent, directory=True)
+    fsync_path(output.parent, directory=True)
     return report
 
 

@@ -18,12 +18,6 @@ MANIFEST_SCHEMA_VERSION = 1
 _DEPENDENCIES = ("torch", "transformers", "optimum", "accelerate", "safetensors", "datasets", "huggingface_hub")
 
 
-def tensor_sha256(tensor: torch.Tensor) -> str:
-    """sha256 of a tensor's raw bytes as safetensors stores them (row-major, native little-endian)."""
-    t = tensor.detach().contiguous().cpu()
-    return hashlib.sha256(t.reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
-
-
 def calibration_fingerprint(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, seqlen: int, seed: int) -> dict[str, Any]:
     """Identifies the calibration tokens: sha256 of the int64 ids (and mask), sample and token counts."""
     h = hashlib.sha256(input_ids.detach().to(torch.int64).contiguous().cpu().numpy().tobytes())

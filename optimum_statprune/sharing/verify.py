@@ -30,7 +30,8 @@ from typing import Any
 
 import torch
 
-from .manifest import MANIFEST_NAME, MANIFEST_SCHEMA_VERSION, read_manifest, tensor_sha256
+from ..checkpoint.shards import tensor_sha256
+from .manifest import MANIFEST_NAME, MANIFEST_SCHEMA_VERSION, read_manifest
 
 logger = logging.getLogger(__name__)
 
