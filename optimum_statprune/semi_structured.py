@@ -1,0 +1,65 @@
+"""Run a 2:4-pruned model on sparse tensor cores: its block linears as ``torch.sparse`` semi-structured tensors.
+
+Opt-in, because on this stack it pays only for large calls: on an H200 (torch 2.11, cuSPARSELt) the sparse
+matmul is slower than dense fp16 up to a few thousand tokens per call and faster only beyond
+(docs/performance.md, ``benchmarks/semi_structured.py``). Prefill of long batches gains; token-by-token
+decode loses. The conversion is exact: the same products, computed from the compressed weight.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from .engine.targets import find_blocks
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def is_two_four(weight: torch.Tensor) -> bool:
+    """True when every group of 4 consecutive inputs of every row holds at most 2 nonzeros."""
+    if weight.dim() != 2 or weight.shape[1] % 4:
+        return False
+    nonzero = (weight.reshape(weight.shape[0], -1, 4) != 0).sum(-1)
+    return bool((nonzero <= 2).all())
+
+
+def to_semi_structured(model: nn.Module, blocks: str | None = None) -> list[str]:
+    """Replace the weight of every ``nn.Linear`` inside the decoder blocks that is 2:4 sparse with its
+    semi-structured form, in place; return the converted module names.
+
+    The model must be on a CUDA device in float16 or bfloat16. Linears that are not 2:4 (or whose shape the
+    kernel refuses) stay dense and are logged. Embeddings and ``lm_head`` are outside the blocks and never
+    touched. Inference only: semi-structured weights take no gradients."""
+    from torch.sparse import to_sparse_semi_structured
+
+    blocks_path, block_list = find_blocks(model, blocks)
+    converted: list[str] = []
+    for i, block in enumerate(block_list):
+        for name, module in block.named_modules():
+            if not isinstance(module, nn.Linear):
+                continue
+            full = f"{blocks_path}.{i}.{name}"
+            weight = module.weight
+            if weight.device.type != "cuda" or weight.dtype not in SUPPORTED_DTYPES:
+                raise ValueError(
+                    f"{full} is {weight.dtype} on {weight.device}: semi-structured kernels need float16 or bfloat16 "
+                    "on a CUDA device; load the model with dtype=torch.float16 and device_map='cuda'"
+                )
+            if not is_two_four(weight):
+                logger.info("%s is not 2:4 sparse; kept dense", full)
+                continue
+            try:
+                sparse = to_sparse_semi_structured(weight.detach())
+            except (RuntimeError, ValueError) as e:  # a shape the kernel does not take
+                logger.info("%s kept dense: %s", full, str(e).splitlines()[0])
+                continue
+            module.weight = nn.Parameter(sparse, requires_grad=False)
+            converted.append(full)
+    if not converted:
+        raise ValueError("no 2:4-sparse linear found in the decoder blocks; prune with pattern='2:4' first")
+    return converted

@@ -1,0 +1,59 @@
+"""The opt-in 2:4 inference conversion: which weights count as 2:4, and what it refuses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import build
+
+from optimum_statprune.semi_structured import is_two_four, to_semi_structured
+
+
+def _naive_two_four(w: torch.Tensor) -> bool:
+    for row in w.tolist():
+        for g in range(0, len(row), 4):
+            if sum(v != 0 for v in row[g : g + 4]) > 2:
+                return False
+    return True
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_is_two_four_matches_a_loop(seed):
+    """2:4 weights by construction, and the same weights with one pruned entry revived in a random place."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(6, 16, generator=g)
+    keep = torch.rand(6, 4, 4, generator=g).argsort(-1)[..., :2]
+    w = w * torch.zeros(6, 4, 4).scatter_(-1, keep, 1.0).reshape(6, 16)
+    assert is_two_four(w) and _naive_two_four(w)
+    zeros = (w == 0).nonzero()
+    r, c = zeros[torch.randint(len(zeros), (1,), generator=g)].tolist()[0]
+    w[r, c] = 1.0
+    assert is_two_four(w) == _naive_two_four(w) is False
+
+
+def test_is_two_four_edges():
+    w = torch.tensor([[1.0, 2.0, 0.0, 0.0, 0.0, 3.0, 0.0, 4.0]])
+    assert is_two_four(w)
+    w[0, 2] = 5.0  # three nonzeros in the first group
+    assert not is_two_four(w)
+    assert not is_two_four(torch.zeros(2, 6))  # width not a multiple of 4
+
+
+def test_cpu_model_is_refused_with_the_fix():
+    model = build("llama")
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for m in layer.modules():
+                if isinstance(m, torch.nn.Linear):
+                    groups = m.weight.reshape(m.weight.shape[0], -1, 4)
+                    keep = groups.abs().topk(2, dim=-1).indices
+                    m.weight.copy_((groups * torch.zeros_like(groups).scatter_(-1, keep, 1.0)).reshape_as(m.weight))
+    with pytest.raises(ValueError, match="float16 or bfloat16 on a CUDA device"):
+        to_semi_structured(model)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="semi-structured kernels need a GPU")
+def test_dense_model_on_gpu_has_nothing_to_convert():
+    model = build("llama").to("cuda", torch.float16)
+    with pytest.raises(ValueError, match="no 2:4-sparse linear"):
+        to_semi_structured(model)
