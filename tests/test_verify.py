@@ -133,7 +133,7 @@ def test_a_missing_tensor_and_a_wrong_shape_are_caught(nm):
     tensors["model.layers.0.self_attn.q_proj.weight"] = tensors["model.layers.0.self_attn.q_proj.weight"][:32]
     save_file(tensors, shard, metadata={"format": "pt"})
     kinds = {(m.layer, m.kind) for m in verify(nm).mismatches}
-    assert kinds == {(LAYER, "missing"), ("model.layers.0.self_attn.q_proj", "shape")}
+    assert kinds == {(LAYER, "missing-tensor"), ("model.layers.0.self_attn.q_proj", "shape")}
 
 
 def test_a_fine_tuned_copy_is_checked_against_the_original_manifest(nm, tmp_path):
