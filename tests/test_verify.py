@@ -8,6 +8,7 @@ import shutil
 import pytest
 import torch
 from fake_hub import VALID_TOKEN, fake_hub_session
+from manifest_v2 import as_schema_2, flip_byte
 from safetensors.torch import load_file, save_file
 from tiny_models import build, token_ids
 
@@ -168,21 +169,6 @@ def test_verify_a_hub_repo(monkeypatch, tmp_path, nm):
 
 
 # ------------------------------------------------------------------------------------------- schema 2
-def _as_schema_2(folder):
-    """Rewrite the folder's manifest as schema 2: "tensors" (tensor_sha256 of every stored tensor) and
-    "files" (the size of every shard the index names), computed here, independently of any writer."""
-    from optimum_statprune.checkpoint.shards import INDEX_NAME, SINGLE_NAME, tensor_sha256
-
-    index = folder / INDEX_NAME
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [SINGLE_NAME]
-    manifest = json.loads((folder / MANIFEST_NAME).read_text())
-    manifest["schema_version"] = 2
-    manifest["files"] = {name: (folder / name).stat().st_size for name in files}
-    manifest["tensors"] = {k: tensor_sha256(t) for name in files for k, t in load_file(folder / name).items()}
-    (folder / MANIFEST_NAME).write_text(json.dumps(manifest))
-    return manifest
-
-
 @pytest.fixture(scope="module")
 def saved_sharded(tmp_path_factory):
     return _save("llama", "2:4", tmp_path_factory.mktemp("verify2") / "sharded", method="wanda", max_shard_size="100KB")
@@ -192,20 +178,8 @@ def saved_sharded(tmp_path_factory):
 def sharded2(saved_sharded, tmp_path):
     """A sharded 2:4 save with a schema-2 manifest (a private copy)."""
     folder = shutil.copytree(saved_sharded, tmp_path / "sharded2")
-    _as_schema_2(folder)
+    as_schema_2(folder)
     return folder
-
-
-def _flip_byte(folder, key, at=0):
-    """Flip the lowest bit of byte ``at`` of tensor ``key`` in its shard, in place (same file size)."""
-    from optimum_statprune.checkpoint.shards import CheckpointReader, safetensors_header
-
-    path = folder / CheckpointReader(folder).weight_map[key]
-    start, header = safetensors_header(path)
-    offset = start + header[key]["data_offsets"][0] + at
-    data = bytearray(path.read_bytes())
-    data[offset] ^= 0x01
-    path.write_bytes(bytes(data))
 
 
 def test_schema_2_intact_checks_every_tensor_and_file(sharded2):
@@ -235,7 +209,7 @@ def test_schema_2_deleted_shard_with_the_embeddings_and_lm_head_fails(sharded2):
 
 def test_schema_2_one_flipped_byte_in_a_norm_weight_fails(sharded2):
     key = "model.layers.0.input_layernorm.weight"
-    _flip_byte(sharded2, key, at=5)
+    flip_byte(sharded2, key, at=5)
     report = verify(sharded2)
     assert [(m.layer, m.kind) for m in report.mismatches] == [(key, "sha256")]
     assert verify(sharded2, hashes=False).ok  # not a pruned layer: only its hash could tell
@@ -265,7 +239,7 @@ def test_schema_2_a_fine_tuned_copy_without_hashes(sharded2, tmp_path):
 
 
 def test_schema_1_warns_that_other_tensors_are_not_covered(unstructured):
-    _flip_byte(unstructured, "model.norm.weight")
+    flip_byte(unstructured, "model.norm.weight")
     report = verify(unstructured)
     assert report.ok and report.schema == 1  # what a schema-1 manifest cannot see
     assert any("not covered" in w for w in report.warnings)

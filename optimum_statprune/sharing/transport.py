@@ -123,12 +123,17 @@ class _Redacting(logging.Filter):
         return True
 
 
+# Loggers that write URLs during a Hub call: huggingface_hub's, its HTTP client's (httpx2 logs every
+# request URL at INFO; httpx / httpcore under huggingface_hub 1.x) and this package's.
+_LOGGED_BY = ("huggingface_hub", "httpx2", "httpcore2", "httpx", "httpcore", "optimum_statprune")
+
+
 @contextlib.contextmanager
 def redacted_logs(secrets: Iterable[str | None] = ()) -> Iterator[None]:
-    """While the block runs, log records of ``huggingface_hub`` and of this package pass through
-    ``redact`` (a logger's filters see only its own records, so each existing logger gets one)."""
-    names = [n for n in list(logging.Logger.manager.loggerDict) if n.split(".")[0] in ("huggingface_hub", "optimum_statprune")]
-    loggers = [logging.getLogger(n) for n in {*names, "huggingface_hub", __name__}]
+    """While the block runs, log records of ``_LOGGED_BY`` pass through ``redact`` (a logger's filters
+    see only its own records, so each of those loggers gets one)."""
+    names = [n for n in list(logging.Logger.manager.loggerDict) if n.split(".")[0] in _LOGGED_BY]
+    loggers = [logging.getLogger(n) for n in {*names, *_LOGGED_BY, __name__}]
     flt = _Redacting([s for s in secrets if s])
     for lg in loggers:
         lg.addFilter(flt)
