@@ -270,3 +270,14 @@ def test_fused_experts_are_read_through_the_engines_conversion(tmp_path, monkeyp
     monkeypatch.setattr(CheckpointConversion, "to_model", counting)
     assert verify(folder).ok
     assert calls and any("experts" in k for keys in calls for k in keys)
+
+
+def test_schema_2_a_fine_tuned_copy_sharded_differently(sharded2, tmp_path):
+    """Without hashes the manifest's file list does not bind: a fine-tuned copy is saved as it likes."""
+    from transformers import AutoModelForCausalLM
+
+    tuned = tmp_path / "tuned"
+    AutoModelForCausalLM.from_pretrained(sharded2).save_pretrained(tuned)  # one file, not the shards
+    assert [p.name for p in tuned.glob("*.safetensors")] == ["model.safetensors"]
+    assert verify(tuned, manifest=sharded2, hashes=False).ok
+    assert {m.kind for m in verify(tuned, manifest=sharded2).mismatches} == {"missing-file", "unexpected-file"}

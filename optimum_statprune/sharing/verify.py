@@ -5,8 +5,9 @@ tensors into host memory a bounded batch at a time; never a pickle, never the wh
 
 With a schema-2 manifest (top-level ``"files"`` and ``"tensors"``) every file and every tensor is covered:
 
-- every file the index names (or ``model.safetensors``) exists (``missing-file``), is recorded in the
-  manifest (``unexpected-file``) and, with ``hashes``, has the recorded size (``size``);
+- every file the index names (or ``model.safetensors``) exists (``missing-file``); with ``hashes``, the
+  files are the ones the manifest records (``missing-file``, ``unexpected-file``) with the recorded
+  sizes (``size``);
 - every tensor stored in those files is in the manifest (``unexpected-tensor``), sits where the index
   says (``index``) and, with ``hashes``, its stored bytes hash to the recorded ``tensor_sha256``
   (``sha256``); every manifest tensor is stored somewhere (``missing-tensor``).
@@ -19,10 +20,10 @@ For every pruned layer, with either schema:
 - under an N:M pattern, no group of M consecutive inputs holds more than N nonzeros (``n:m``).
 
 A schema-1 manifest covers only the pruned layers; the report warns that the other tensors (embeddings,
-norms, ``lm_head``) and the file sizes were not checked. ``hashes=False`` skips every hash and size
-check: that is how a fine-tuned copy is checked against the original manifest
-(``verify(finetuned_dir, manifest=original, hashes=False)``); file and tensor presence, sparsity and
-N:M are still checked.
+norms, ``lm_head``) and the file sizes were not checked. ``hashes=False`` skips every hash and the
+manifest's file list and sizes: that is how a fine-tuned copy (new values, perhaps other shards) is
+checked against the original manifest (``verify(finetuned_dir, manifest=original, hashes=False)``);
+the folder's own files, the set of tensor names, sparsity and N:M are still checked.
 
 Where a layer lives on disk: the manifest names the in-memory state-dict key. Checkpoints that
 transformers converts on load (per-expert MoE tensors fused in memory) are read block by block through
@@ -203,7 +204,8 @@ def verify(
         report.mismatches.append(Mismatch(name, "missing-file", f"named by {INDEX_NAME} for {len(keys)} tensor(s) "
                                                                 f"(e.g. {keys[0]}), not on disk"))
     if report.schema >= 2:
-        _check_files(man["files"], folder, named, present, hashes, report)
+        if hashes:  # a fine-tuned copy may be sharded differently: its file list is its own
+            _check_files(man["files"], folder, named, present, report)
         _check_tensors(man["tensors"], folder, reader.weight_map, present, hashes, report)
     else:
         report.warnings.append(
@@ -219,7 +221,7 @@ def verify(
     return report
 
 
-def _check_files(recorded: dict[str, int], folder: Path, named: list[str], present: list[str], hashes: bool,
+def _check_files(recorded: dict[str, int], folder: Path, named: list[str], present: list[str],
                  report: VerificationReport) -> None:
     for name in named:
         if name not in recorded:
@@ -230,7 +232,7 @@ def _check_files(recorded: dict[str, int], folder: Path, named: list[str], prese
         elif name in present:
             report.files += 1
             actual = (folder / name).stat().st_size
-            if hashes and actual != int(size):
+            if actual != int(size):
                 report.mismatches.append(Mismatch(name, "size", f"{actual} bytes on disk, manifest {size}"))
 
 
