@@ -281,3 +281,16 @@ def test_schema_2_a_fine_tuned_copy_sharded_differently(sharded2, tmp_path):
     assert [p.name for p in tuned.glob("*.safetensors")] == ["model.safetensors"]
     assert verify(tuned, manifest=sharded2, hashes=False).ok
     assert {m.kind for m in verify(tuned, manifest=sharded2).mismatches} == {"missing-file", "unexpected-file"}
+
+
+def test_schema_2_a_truncated_shard_and_a_stale_one(sharded2):
+    from optimum_statprune.checkpoint.shards import CheckpointReader
+
+    shard = sharded2 / CheckpointReader(sharded2).weight_map[KEY]
+    shutil.copy(shard, sharded2 / "model-00009-of-00009.safetensors")  # left over from an earlier save
+    shard.write_bytes(shard.read_bytes()[:-100])
+    report = verify(sharded2)
+    found = {(m.layer, m.kind) for m in report.mismatches}
+    assert (shard.name, "size") in found and ("model-00009-of-00009.safetensors", "unexpected-file") in found
+    assert {m.kind for m in report.mismatches} <= {"size", "unexpected-file", "unreadable"}
+    assert any(m.kind == "unreadable" for m in report.mismatches)

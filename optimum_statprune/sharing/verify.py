@@ -5,7 +5,8 @@ tensors into host memory a bounded batch at a time; never a pickle, never the wh
 
 With a schema-2 manifest (top-level ``"files"`` and ``"tensors"``) every file and every tensor is covered:
 
-- every file the index names (or ``model.safetensors``) exists (``missing-file``); with ``hashes``, the
+- every file the index names (or ``model.safetensors``) exists (``missing-file``), and no other
+  ``*.safetensors`` file lies in the folder (``unexpected-file``); with ``hashes``, the
   files are the ones the manifest records (``missing-file``, ``unexpected-file``) with the recorded
   sizes (``size``);
 - every tensor stored in those files is in the manifest (``unexpected-tensor``), sits where the index
@@ -197,6 +198,9 @@ def verify(
     except FileNotFoundError as e:
         report.mismatches.append(Mismatch("*", "missing-file", str(e)))
         return report
+    except Exception as e:  # noqa: BLE001 - a checkpoint that cannot be opened fails verification, with the reason
+        report.mismatches.append(Mismatch("*", "unreadable", f"{type(e).__name__}: {e}"))
+        return report
     named = sorted(set(reader.weight_map.values()))
     present = [name for name in named if (folder / name).is_file()]
     for name in sorted(set(named) - set(present)):
@@ -204,6 +208,9 @@ def verify(
         report.mismatches.append(Mismatch(name, "missing-file", f"named by {INDEX_NAME} for {len(keys)} tensor(s) "
                                                                 f"(e.g. {keys[0]}), not on disk"))
     if report.schema >= 2:
+        for stray in sorted({p.name for p in folder.glob("*.safetensors")} - set(named)):
+            report.mismatches.append(Mismatch(stray, "unexpected-file", "a safetensors file the checkpoint does not "
+                                                                        "name (a stale shard?); it would be pushed too"))
         if hashes:  # a fine-tuned copy may be sharded differently: its file list is its own
             _check_files(man["files"], folder, named, present, report)
         _check_tensors(man["tensors"], folder, reader.weight_map, present, hashes, report)
@@ -320,6 +327,9 @@ def _check_layer(rec: dict[str, Any], model: _ModelLayout, default_pattern: str,
         stored = model.weight(key, expert)
     except KeyError as e:
         fail("missing-tensor", str(e.args[0]))
+        return
+    except (OSError, EOFError, ValueError, RuntimeError) as e:  # a truncated or damaged shard
+        fail("unreadable", f"{type(e).__name__}: {e}")
         return
     candidates = model.orientations(rec, stored, shape, expert)
     if not candidates:
