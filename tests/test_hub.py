@@ -493,3 +493,21 @@ def test_the_reproduce_command_names_flags_as_the_cli_does(folder):
     assert "--no-ec-centered" in line and "--sequential" in line and "'(q|k)_proj$'" in line
     args = cli.build_parser().parse_args(shlex.split(line)[1:])
     assert cli.build_config(args).resolved() == manifest["config"]
+
+
+def test_an_unknown_error_holding_a_secret_is_redacted():
+    from optimum_statprune.sharing.transport import call
+
+    def leaking():
+        raise ValueError("bad answer from http://bob:hunter2@hub.example.com/api")
+
+    with pytest.raises(HubError) as err:
+        call(leaking, "read x", "org/x", endpoint="https://hub.example.com", token="tok-123456")
+    assert "hunter2" not in str(err.value) and "http://***@hub.example.com" in str(err.value)
+    assert err.value.__cause__ is None
+
+    def plain():
+        raise ValueError("not a Hub problem")
+
+    with pytest.raises(ValueError, match="not a Hub problem"):  # nothing secret: raised as it is
+        call(plain, "read x", "org/x", endpoint="https://hub.example.com")

@@ -158,7 +158,7 @@ def call(
         while True:
             try:
                 return fn()
-            except Exception as e:  # noqa: BLE001 - sorted below; unknown errors re-raised as they are
+            except Exception as e:  # noqa: BLE001 - sorted below; others re-raised unless their text holds a secret
                 if is_transient(e) and attempt < max_retries:
                     wait = min(retry_wait * 2**attempt, MAX_WAIT)
                     attempt += 1
@@ -166,12 +166,12 @@ def call(
                                    attempt, max_retries, wait)
                     time.sleep(wait)
                     continue
-                message = translate(e, what, repo_id, where, attempt + 1, revision)
-                if message is None:
-                    raise
-                clean = redact(message, [token])
                 leaky = redact(str(e), [token]) != str(e)
-                raise HubError(clean) from (None if leaky else e)
+                message = translate(e, what, repo_id, where, attempt + 1, revision)
+                if message is None and not leaky:
+                    raise  # not the Hub's error, and nothing secret in it: as it is
+                message = message or f"cannot {what}: {type(e).__name__}: {short(e)}"
+                raise HubError(redact(message, [token])) from (None if leaky else e)
 
 
 def _root(error: BaseException) -> BaseException:
