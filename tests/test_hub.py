@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import json
+import logging
 import shutil
 import socket
 from pathlib import Path
@@ -10,19 +12,23 @@ from pathlib import Path
 import pytest
 import torch
 from fake_hub import READ_ONLY_TOKEN, USER, VALID_TOKEN, fake_hub_session
+from manifest_v2 import as_schema_2, flip_byte
 from tiny_models import build, tiny_tokenizer, token_ids
 
 from optimum_statprune import StatPruneConfig, StatPruner
 from optimum_statprune.sharing.hub import (
+    CARD_MARKER,
     HubError,
     download,
     layer_type,
     model_card,
     push_to_hub,
     sparsity_by_type,
+    write_model_card,
 )
 from optimum_statprune.sharing.manifest import MANIFEST_NAME, read_manifest, write_manifest
-from optimum_statprune.sharing.verify import load_manifest
+from optimum_statprune.sharing.transport import is_hub_id, redact
+from optimum_statprune.sharing.verify import load_manifest, verify
 
 BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
 REPO = f"{USER}/tiny-llama-2of4"
@@ -61,6 +67,12 @@ def upload_path(request, monkeypatch):
 
         monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
     return request.param
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _logits(model, ids):
@@ -240,11 +252,9 @@ def test_transient_errors_that_persist_give_up_with_a_clear_error(hub, folder):
 
 
 def test_unreachable_endpoint_is_retried_then_reported(hub, folder):
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with pytest.raises(HubError, match="could not be reached"):
-        push_to_hub(folder, REPO, token=VALID_TOKEN, endpoint=f"http://127.0.0.1:{port}", max_retries=1, retry_wait=0.01)
+    with pytest.raises(HubError, match=r"could not be reached \(.*, 2 attempts\)"):
+        push_to_hub(folder, REPO, token=VALID_TOKEN, endpoint=f"http://127.0.0.1:{_closed_port()}", max_retries=1,
+                    retry_wait=0.01)
 
 
 def test_only_pruned_folders_are_pushed(hub, tmp_path, folder):
@@ -295,3 +305,209 @@ def test_cli_verify_fails_on_a_revived_weight(folder, capsys):
     save_file(tensors, shard, metadata={"format": "pt"})
     assert cli.main(["verify", str(folder)]) == 1
     assert capsys.readouterr().out.startswith("FAILED")
+
+
+# ------------------------------------------------------------------------------------------- retries
+def test_a_transient_429_on_create_is_retried(hub, folder):
+    hub.fail_next("POST", r"^/api/repos/create$", status=429)
+    push_to_hub(folder, REPO, token=VALID_TOKEN, retry_wait=0.01)
+    assert [s for _, _, s in hub.calls("POST", r"^/api/repos/create$")] == [429, 200]
+
+
+def test_permanent_errors_are_not_retried(hub, folder):
+    with pytest.raises(HubError, match="authentication failed"):
+        push_to_hub(folder, REPO, token="hf_not_a_real_token", retry_wait=0.01)
+    assert len(hub.calls("POST", r"^/api/repos/create$")) == 1
+    hub.fail_next("GET", rf"^/api/models/{USER}/missing/revision/main$", status=404)
+    with pytest.raises(HubError, match="not found"):
+        download(f"{USER}/missing", retry_wait=0.01)
+    assert len(hub.calls("GET", rf"^/api/models/{USER}/missing/revision/main$")) == 1
+
+
+def _imports(module_path: Path) -> list[tuple[str, list[str]]]:
+    tree = ast.parse(module_path.read_text())
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            out.append(("." * node.level + (node.module or ""), [a.name for a in node.names]))
+        elif isinstance(node, ast.Import):
+            out += [(a.name, []) for a in node.names]
+    return out
+
+
+def test_no_module_imports_httpx2_or_another_modules_private_names():
+    """The transport goes through huggingface_hub (httpx2 is its dependency, not ours), and modules
+    share only public names (verify used to import hub's _call and _default_endpoint)."""
+    import optimum_statprune
+
+    root = Path(optimum_statprune.__file__).parent
+    for path in [*(root / "sharing").glob("*.py"), root / "flags.py"]:
+        for module, names in _imports(path):
+            assert module.split(".")[0] != "httpx2", f"{path} imports {module}"
+            private = [n for n in names if n.startswith("_") and not n.startswith("__")]
+            assert not private, f"{path} imports {private} from {module}"
+
+
+# ------------------------------------------------------------------------------------------- schema 2
+def test_push_verifies_every_tensor_of_a_schema_2_folder(hub, folder):
+    as_schema_2(folder)
+    flip_byte(folder, "model.norm.weight")
+    with pytest.raises(HubError, match="does not match its manifest.*1 sha256"):
+        push_to_hub(folder, REPO, token=VALID_TOKEN)
+    assert not hub.requests
+    flip_byte(folder, "model.norm.weight")  # back as it was
+    push_to_hub(folder, REPO, token=VALID_TOKEN)
+    report = verify(REPO)
+    assert report.ok and report.schema == 2, str(report)
+
+
+# ------------------------------------------------------------------------------------------- names
+@pytest.mark.parametrize("name, ok", [
+    ("gpt2", True), ("tester/model", True), ("Org-1/model_v2.5", True),
+    ("a/b/c", False), ("../model", False), ("./model", False), ("org--x/model", False), ("org/mo..del", False),
+    ("org/-model", False), ("", False), (None, False), ("org/" + "x" * 97, False), ("org/mödel", False),
+    ("org/with space", False), ("~/models/x", False),
+])
+def test_one_hub_id_rule(name, ok):
+    assert is_hub_id(name) is ok
+
+
+def test_push_refuses_a_bad_repo_id_before_any_request(hub, folder):
+    with pytest.raises(HubError, match="not a Hub repository id"):
+        push_to_hub(folder, "a/b/c", token=VALID_TOKEN)
+    assert not hub.requests
+
+
+# ------------------------------------------------------------------------------------------- privacy
+def test_redact():
+    assert redact("see http://u:p@h:1/x and https://tok@host/y") == "see http://***@h:1/x and https://***@host/y"
+    assert redact("Authorization: Bearer hf_abcdefghijkl") == "Authorization: Bearer hf_***"
+    assert redact("the token xyz12345 leaked", ["xyz12345", None]) == "the token *** leaked"
+
+
+def test_endpoint_credentials_never_appear(hub, folder, caplog):
+    caplog.set_level(logging.DEBUG)
+    with_credentials = hub.url.replace("http://", "http://alice:s3cr3t-pw@")
+    with pytest.raises(HubError) as err:
+        push_to_hub(folder, REPO, token=VALID_TOKEN, endpoint=with_credentials, max_retries=1, retry_wait=0.01)
+    assert "http://***@127.0.0.1" in str(err.value)
+    unreachable = f"http://alice:s3cr3t-pw@127.0.0.1:{_closed_port()}"
+    with pytest.raises(HubError, match="could not be reached") as err2:
+        push_to_hub(folder, REPO, token=VALID_TOKEN, endpoint=unreachable, max_retries=1, retry_wait=0.01)
+    for text in (str(err.value), str(err2.value), caplog.text):
+        assert "s3cr3t-pw" not in text
+    assert "retry 1/1" in caplog.text  # the retry was logged, redacted
+
+
+def test_token_from_a_file_or_hf_token(hub, folder, tmp_path, monkeypatch):
+    token_file = tmp_path / "token"
+    token_file.write_text(f"  {VALID_TOKEN}\n")
+    push_to_hub(folder, REPO, token_file=token_file, private=True)
+    assert download(REPO, token_file=token_file).endswith(hub.repos[REPO].head.oid)
+    assert verify(REPO, token_file=token_file).ok
+    assert load_manifest(REPO, token_file=token_file) == read_manifest(folder)
+    monkeypatch.setenv("HF_TOKEN", VALID_TOKEN)
+    push_to_hub(folder, f"{USER}/from-env")
+    assert f"{USER}/from-env" in hub.repos
+
+
+def test_bad_token_files_are_clear_errors(tmp_path, folder):
+    with pytest.raises(HubError, match="does not exist"):
+        push_to_hub(folder, REPO, token_file=tmp_path / "nope")
+    two = tmp_path / "two"
+    two.write_text("hf_secretpart1 hf_secretpart2\n")
+    with pytest.raises(HubError, match="exactly one token") as err:
+        push_to_hub(folder, REPO, token_file=two)
+    assert "secretpart" not in str(err.value)
+    with pytest.raises(HubError, match="not both"):
+        download(REPO, token="hf_x", token_file=two)
+
+
+def test_a_token_never_appears_in_messages_or_logs(hub, folder, tmp_path, caplog):
+    secret = "hf_thisTokenIsNotValid0123456789"
+    (tmp_path / "token").write_text(secret)
+    caplog.set_level(logging.DEBUG)
+    failing = [
+        lambda: push_to_hub(folder, REPO, token_file=tmp_path / "token"),
+        lambda: download(f"{USER}/missing", token=secret),
+        lambda: verify(f"{USER}/missing", token=secret),
+        lambda: load_manifest(f"{USER}/missing", token_file=tmp_path / "token"),
+        lambda: push_to_hub(folder, REPO, token=secret, endpoint=f"http://{secret}@127.0.0.1:{_closed_port()}",
+                            max_retries=1, retry_wait=0.01),
+    ]
+    for action in failing:
+        with pytest.raises(HubError) as err:
+            action()
+        assert secret not in str(err.value) and secret not in repr(err.value)
+        assert err.value.__cause__ is None or secret not in str(err.value.__cause__)
+    assert caplog.records and secret not in caplog.text
+
+
+# ------------------------------------------------------------------------------------------- card
+def test_the_card_comes_from_the_packaged_template(folder, monkeypatch, tmp_path):
+    from optimum_statprune.sharing import card
+
+    shipped = card.template_path()
+    assert shipped.is_file() and "{{ card_data }}" in shipped.read_text()
+    custom = tmp_path / "card.md"
+    custom.write_text("---\n{{ card_data }}\n---\n\n{{ marker }}\n\nCUSTOM {{ title }} by {{ method }}\n")
+    monkeypatch.setattr(card, "template_path", lambda: custom)
+    made = model_card(folder)
+    assert "CUSTOM model by wanda" in made.text and made.data.base_model == BASE and "pruned" in made.data.tags
+
+
+def test_a_card_is_rewritten_only_while_its_marker_is_there(folder):
+    from huggingface_hub import ModelCard
+
+    readme = write_model_card(folder)
+    text = readme.read_text()
+    assert CARD_MARKER in text
+    readme.write_text(text.replace("## Sparsity", "## Edited"))  # edited, marker kept: rewritten
+    write_model_card(folder)
+    assert "## Edited" not in readme.read_text() and "## Sparsity" in readme.read_text()
+    readme.write_text("---\nlicense: mit\ntags:\n- mine\n---\n\n# My own card\n")  # no marker: kept
+    write_model_card(folder)
+    kept = ModelCard.load(readme)
+    assert "# My own card" in kept.text and "## Sparsity" not in kept.text
+    assert kept.data.license == "mit" and {"mine", "pruned", "2:4-sparsity"} <= set(kept.data.tags)
+    assert kept.data.base_model == BASE and kept.data.library_name == "transformers"
+
+
+def test_the_reproduce_command_names_flags_as_the_cli_does(folder):
+    """Non-default booleans, lists and a regex that a shell would mangle, through the real CLI parser."""
+    import shlex
+
+    from optimum_statprune import StatPruneConfig, cli
+    from optimum_statprune.flags import command_line_args, flag_for
+
+    assert flag_for("ec_clamp") == "--ec-clamp" == cli.flag_for("ec_clamp")
+    assert command_line_args({"ec_clamp": [1, 3], "sequential": False, "targets": None, "ignore": []}) == [
+        "--ec-clamp", "1", "3", "--no-sequential"]
+    manifest = read_manifest(folder)
+    config = StatPruneConfig(method="wanda", pattern="2:4", ec_centered=False, ec_clamp=(1.0, 3.0),
+                             sequential=True, ignore=[r"(q|k)_proj$"], batch_size=2)
+    manifest["config"] = config.resolved()
+    write_manifest(folder, manifest)
+    text = str(model_card(folder))
+    line = next(x for x in text.splitlines() if x.startswith("optimum-statprune prune "))
+    assert "--no-ec-centered" in line and "--sequential" in line and "'(q|k)_proj$'" in line
+    args = cli.build_parser().parse_args(shlex.split(line)[1:])
+    assert cli.build_config(args).resolved() == manifest["config"]
+
+
+def test_an_unknown_error_holding_a_secret_is_redacted():
+    from optimum_statprune.sharing.transport import call
+
+    def leaking():
+        raise ValueError("bad answer from http://bob:hunter2@hub.example.com/api")
+
+    with pytest.raises(HubError) as err:
+        call(leaking, "read x", "org/x", endpoint="https://hub.example.com", token="tok-123456")
+    assert "hunter2" not in str(err.value) and "http://***@hub.example.com" in str(err.value)
+    assert err.value.__cause__ is None
+
+    def plain():
+        raise ValueError("not a Hub problem")
+
+    with pytest.raises(ValueError, match="not a Hub problem"):  # nothing secret: raised as it is
+        call(plain, "read x", "org/x", endpoint="https://hub.example.com")

@@ -8,6 +8,7 @@ import shutil
 import pytest
 import torch
 from fake_hub import VALID_TOKEN, fake_hub_session
+from manifest_v2 import as_schema_2, flip_byte
 from safetensors.torch import load_file, save_file
 from tiny_models import build, token_ids
 
@@ -133,7 +134,7 @@ def test_a_missing_tensor_and_a_wrong_shape_are_caught(nm):
     tensors["model.layers.0.self_attn.q_proj.weight"] = tensors["model.layers.0.self_attn.q_proj.weight"][:32]
     save_file(tensors, shard, metadata={"format": "pt"})
     kinds = {(m.layer, m.kind) for m in verify(nm).mismatches}
-    assert kinds == {(LAYER, "missing"), ("model.layers.0.self_attn.q_proj", "shape")}
+    assert kinds == {(LAYER, "missing-tensor"), ("model.layers.0.self_attn.q_proj", "shape")}
 
 
 def test_a_fine_tuned_copy_is_checked_against_the_original_manifest(nm, tmp_path):
@@ -165,3 +166,131 @@ def test_verify_a_hub_repo(monkeypatch, tmp_path, nm):
         assert not report.ok and {m.kind for m in report.mismatches} == {"sha256", "sparsity", "n:m"}
         downloaded = {p.rsplit("/", 1)[-1] for _, p, _ in hub.calls("GET", r"/resolve/")}
         assert "README.md" not in downloaded and MANIFEST_NAME in downloaded  # only what verify needs
+
+
+# ------------------------------------------------------------------------------------------- schema 2
+@pytest.fixture(scope="module")
+def saved_sharded(tmp_path_factory):
+    return _save("llama", "2:4", tmp_path_factory.mktemp("verify2") / "sharded", method="wanda", max_shard_size="100KB")
+
+
+@pytest.fixture
+def sharded2(saved_sharded, tmp_path):
+    """A sharded 2:4 save with a schema-2 manifest (a private copy)."""
+    folder = shutil.copytree(saved_sharded, tmp_path / "sharded2")
+    as_schema_2(folder)
+    return folder
+
+
+def test_schema_2_intact_checks_every_tensor_and_file(sharded2):
+    manifest = json.loads((sharded2 / MANIFEST_NAME).read_text())
+    assert len(manifest["files"]) > 1
+    report = verify(sharded2)
+    assert report.ok, str(report)
+    assert report.schema == 2 and report.tensors == len(manifest["tensors"]) and report.files == len(manifest["files"])
+    assert not report.warnings
+    assert f"{len(manifest['tensors'])} tensors in {len(manifest['files'])} file(s)" in report.summary()
+
+
+def test_schema_2_deleted_shard_with_the_embeddings_and_lm_head_fails(sharded2):
+    from optimum_statprune.checkpoint.shards import CheckpointReader
+
+    where = CheckpointReader(sharded2).weight_map
+    gone = {where["model.embed_tokens.weight"], where["lm_head.weight"]}
+    for name in gone:
+        (sharded2 / name).unlink()
+    report = verify(sharded2)
+    assert not report.ok
+    assert {m.layer for m in report.by_kind("missing-file")} == gone
+    missing = {m.layer for m in report.by_kind("missing-tensor")}
+    assert {"model.embed_tokens.weight", "lm_head.weight"} <= missing
+    assert not verify(sharded2, hashes=False).ok  # presence is checked without hashes too
+
+
+def test_schema_2_one_flipped_byte_in_a_norm_weight_fails(sharded2):
+    key = "model.layers.0.input_layernorm.weight"
+    flip_byte(sharded2, key, at=5)
+    report = verify(sharded2)
+    assert [(m.layer, m.kind) for m in report.mismatches] == [(key, "sha256")]
+    assert verify(sharded2, hashes=False).ok  # not a pruned layer: only its hash could tell
+
+
+def test_schema_2_an_extra_tensor_fails(sharded2):
+    from optimum_statprune.checkpoint.shards import CheckpointReader
+
+    shard = sharded2 / CheckpointReader(sharded2).weight_map["model.norm.weight"]
+    tensors = load_file(shard)
+    tensors["model.backdoor.weight"] = torch.ones(4)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    report = verify(sharded2)
+    assert ("model.backdoor.weight", "unexpected-tensor") in {(m.layer, m.kind) for m in report.mismatches}
+    assert (shard.name, "size") in {(m.layer, m.kind) for m in report.mismatches}
+    assert {m.kind for m in verify(sharded2, hashes=False).mismatches} >= {"unexpected-tensor"}
+
+
+def test_schema_2_a_fine_tuned_copy_without_hashes(sharded2, tmp_path):
+    tuned = shutil.copytree(sharded2, tmp_path / "tuned")
+    (tuned / MANIFEST_NAME).unlink()
+    _rewrite(tuned, KEY, lambda w: w.mul_(1.5))  # kept weights changed, zeros kept, file sizes the same
+    _rewrite(tuned, "model.norm.weight", lambda w: w.add_(0.25))
+    assert verify(tuned, manifest=sharded2, hashes=False).ok
+    kinds = {m.kind for m in verify(tuned, manifest=sharded2).mismatches}
+    assert kinds == {"sha256"}
+
+
+def test_schema_1_warns_that_other_tensors_are_not_covered(unstructured):
+    flip_byte(unstructured, "model.norm.weight")
+    report = verify(unstructured)
+    assert report.ok and report.schema == 1  # what a schema-1 manifest cannot see
+    assert any("not covered" in w for w in report.warnings)
+    assert "schema-1" in report.summary() and "warning:" in str(report)
+
+
+def test_load_manifest_reads_schema_1_and_2(sharded2, tmp_path):
+    assert load_manifest(sharded2)["schema_version"] == 2
+    manifest = json.loads((sharded2 / MANIFEST_NAME).read_text())
+    del manifest["tensors"]
+    (tmp_path / "broken.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="without its 'tensors' and 'files'"):
+        load_manifest(tmp_path / "broken.json")
+
+
+def test_fused_experts_are_read_through_the_engines_conversion(tmp_path, monkeypatch):
+    """One reversal of transformers' checkpoint conversion: engine.conversion's, as streaming uses."""
+    from optimum_statprune.engine.conversion import CheckpointConversion
+
+    folder = _save("mixtral", "2:4", tmp_path / "mixtral")
+    calls = []
+    original = CheckpointConversion.to_model
+
+    def counting(self, tensors):
+        calls.append(sorted(tensors))
+        return original(self, tensors)
+
+    monkeypatch.setattr(CheckpointConversion, "to_model", counting)
+    assert verify(folder).ok
+    assert calls and any("experts" in k for keys in calls for k in keys)
+
+
+def test_schema_2_a_fine_tuned_copy_sharded_differently(sharded2, tmp_path):
+    """Without hashes the manifest's file list does not bind: a fine-tuned copy is saved as it likes."""
+    from transformers import AutoModelForCausalLM
+
+    tuned = tmp_path / "tuned"
+    AutoModelForCausalLM.from_pretrained(sharded2).save_pretrained(tuned)  # one file, not the shards
+    assert [p.name for p in tuned.glob("*.safetensors")] == ["model.safetensors"]
+    assert verify(tuned, manifest=sharded2, hashes=False).ok
+    assert {m.kind for m in verify(tuned, manifest=sharded2).mismatches} == {"missing-file", "unexpected-file"}
+
+
+def test_schema_2_a_truncated_shard_and_a_stale_one(sharded2):
+    from optimum_statprune.checkpoint.shards import CheckpointReader
+
+    shard = sharded2 / CheckpointReader(sharded2).weight_map[KEY]
+    shutil.copy(shard, sharded2 / "model-00009-of-00009.safetensors")  # left over from an earlier save
+    shard.write_bytes(shard.read_bytes()[:-100])
+    report = verify(sharded2)
+    found = {(m.layer, m.kind) for m in report.mismatches}
+    assert (shard.name, "size") in found and ("model-00009-of-00009.safetensors", "unexpected-file") in found
+    assert {m.kind for m in report.mismatches} <= {"size", "unexpected-file", "unreadable"}
+    assert any(m.kind == "unreadable" for m in report.mismatches)

@@ -1,21 +1,36 @@
 """Check a saved pruned model against its manifest, without loading the model.
 
-``verify(dir_or_repo_id)`` reads the safetensors files one tensor at a time (``safe_open``; never a
-pickle, never the whole model) and checks, for every layer of ``pruning_manifest.json``:
+``verify(dir_or_repo_id)`` reads the safetensors files through ``checkpoint.shards`` (headers, then
+tensors into host memory a bounded batch at a time; never a pickle, never the whole model).
 
-- the tensor exists with the recorded shape;
-- its sha256 (``manifest.tensor_sha256`` of the ``[d_out, d_in]`` weight, or of the tensor as stored) matches;
-- it has at least as many exact zeros as the recorded sparsity says (fewer = pruned weights revived);
-- under an N:M pattern, no group of M consecutive inputs holds more than N nonzeros.
+With a schema-2 manifest (top-level ``"files"`` and ``"tensors"``) every file and every tensor is covered:
 
-With ``hashes=False`` only the sparsity checks run: that is how a fine-tuned copy of a pruned model is
-checked against the original manifest (``verify(finetuned_dir, manifest=original, hashes=False)``).
+- every file the index names (or ``model.safetensors``) exists (``missing-file``), and no other
+  ``*.safetensors`` file lies in the folder (``unexpected-file``); with ``hashes``, the
+  files are the ones the manifest records (``missing-file``, ``unexpected-file``) with the recorded
+  sizes (``size``);
+- every tensor stored in those files is in the manifest (``unexpected-tensor``), sits where the index
+  says (``index``) and, with ``hashes``, its stored bytes hash to the recorded ``tensor_sha256``
+  (``sha256``); every manifest tensor is stored somewhere (``missing-tensor``).
 
-Where a layer lives on disk: the manifest names the in-memory state-dict key. GPT-2 style ``Conv1D``
-weights are stored transposed, and transformers 5 saves fused MoE experts back in the checkpoint's
-per-expert layout (``experts.{e}.w1.weight`` ...). Orientation comes from the record (``transposed``)
-when present, else from the model class built on the meta device from ``config.json`` (no weights),
-else from the shape; fused experts are found through transformers' checkpoint conversion mapping.
+For every pruned layer, with either schema:
+
+- the tensor exists (``missing-tensor``) with the recorded shape (``shape``);
+- with ``hashes``, its sha256 matches the layer record (of the ``[d_out, d_in]`` weight or as stored);
+- it has at least as many exact zeros as the recorded sparsity says (``sparsity``: pruned weights revived);
+- under an N:M pattern, no group of M consecutive inputs holds more than N nonzeros (``n:m``).
+
+A schema-1 manifest covers only the pruned layers; the report warns that the other tensors (embeddings,
+norms, ``lm_head``) and the file sizes were not checked. ``hashes=False`` skips every hash and the
+manifest's file list and sizes: that is how a fine-tuned copy (new values, perhaps other shards) is
+checked against the original manifest (``verify(finetuned_dir, manifest=original, hashes=False)``);
+the folder's own files, the set of tensor names, sparsity and N:M are still checked.
+
+Where a layer lives on disk: the manifest names the in-memory state-dict key. Checkpoints that
+transformers converts on load (per-expert MoE tensors fused in memory) are read block by block through
+``engine.conversion.CheckpointConversion``, as streaming reads them. GPT-2 style ``Conv1D`` weights are
+stored transposed: the orientation comes from the record (``transposed``), else from the model class
+built on the meta device from ``config.json``, else from the shape.
 """
 
 from __future__ import annotations
@@ -24,24 +39,36 @@ import json
 import logging
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..checkpoint.shards import tensor_sha256
-from .manifest import MANIFEST_NAME, MANIFEST_SCHEMA_VERSION, read_manifest
+from ..checkpoint.shards import (
+    INDEX_NAME,
+    CheckpointReader,
+    read_to_host,
+    safetensors_header,
+    sha256_in_place,
+    tensor_sha256,
+)
+from . import transport
+from .manifest import MANIFEST_NAME
 
 logger = logging.getLogger(__name__)
 
+SUPPORTED_SCHEMAS = (1, 2)
 WEIGHT_FILES = ["*.safetensors", "*.safetensors.index.json", "config.json", MANIFEST_NAME]
+HASH_BATCH_BYTES = 256 * 2**20  # host memory one hashing read may take (a larger tensor is read alone)
 
 
 @dataclass
 class Mismatch:
-    """One problem found: ``kind`` is ``missing``, ``shape``, ``sha256``, ``sparsity``, ``n:m`` or
-    ``unverifiable``."""
+    """One problem found. ``layer`` is the layer, tensor key or file it concerns; ``kind`` is one of
+    ``missing-file``, ``unexpected-file``, ``size``, ``missing-tensor``, ``unexpected-tensor``,
+    ``index``, ``unreadable``, ``shape``, ``sha256``, ``sparsity``, ``n:m``, ``unverifiable``."""
 
     layer: str
     kind: str
@@ -54,13 +81,17 @@ class Mismatch:
 
 @dataclass
 class VerificationReport:
-    """What ``verify`` found. ``ok`` is True when every manifest layer was checked and matched."""
+    """What ``verify`` found. ``ok`` is True when every manifest layer was checked and nothing differed."""
 
     source: str
     layers: int = 0
     checked: int = 0
     hashes: bool = True
+    schema: int = 1
+    tensors: int = 0  # tensors checked against the manifest's "tensors" (schema 2)
+    files: int = 0  # files checked against the manifest's "files" (schema 2)
     mismatches: list[Mismatch] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -73,11 +104,14 @@ class VerificationReport:
     def summary(self) -> str:
         if self.ok:
             what = "hashes and sparsity" if self.hashes else "sparsity"
-            return f"OK: {self.checked}/{self.layers} layers match the manifest ({what})"
+            if self.schema >= 2:
+                return f"OK: {self.checked}/{self.layers} layers, {self.tensors} tensors in {self.files} file(s) match the manifest ({what})"
+            return (f"OK: {self.checked}/{self.layers} layers match the manifest ({what}; schema-1 manifest: "
+                    "tensors outside the pruned layers not checked)")
         kinds: dict[str, int] = {}
         for m in self.mismatches:
             kinds[m.kind] = kinds.get(m.kind, 0) + 1
-        found = ", ".join(f"{n} {k}" for k, n in kinds.items())
+        found = ", ".join(f"{n} {k}" for k, n in kinds.items()) or f"{self.layers - self.checked} layer(s) unchecked"
         return f"FAILED: {len(self.mismatches)} problem(s) in {self.layers} layers ({found})"
 
     def __str__(self) -> str:
@@ -85,6 +119,7 @@ class VerificationReport:
         lines += [f"  - {m}" for m in self.mismatches[:50]]
         if len(self.mismatches) > 50:
             lines.append(f"  ... and {len(self.mismatches) - 50} more")
+        lines += [f"  warning: {w}" for w in self.warnings]
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -101,35 +136,34 @@ def load_manifest(
     *,
     endpoint: str | None = None,
     cache_dir: str | os.PathLike | None = None,
+    token_file: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
-    """The pruning manifest of a local directory, a manifest file, or a Hub repo (only the manifest
-    file is downloaded). Hub failures raise ``hub.HubError``."""
+    """The pruning manifest (schema 1 or 2) of a local directory, a manifest file, or a Hub repo (only
+    the manifest file is downloaded). Hub failures raise ``transport.HubError``."""
     path = Path(dir_or_repo_id)
     if path.is_dir():
-        return read_manifest(path)
-    if path.is_file():
-        return _check_schema(json.loads(path.read_text(encoding="utf-8")), str(path))
-    from huggingface_hub import hf_hub_download
-
-    from .hub import _call, _default_endpoint
-
-    repo_id = str(dir_or_repo_id)
-
-    def fetch() -> str:
-        return hf_hub_download(
-            repo_id, MANIFEST_NAME, revision=revision, token=token, endpoint=endpoint, cache_dir=cache_dir
-        )
-
-    local = _call(fetch, f"read {MANIFEST_NAME} of {repo_id}", repo_id, endpoint or _default_endpoint(), 2, 1.0, revision)
-    with open(local, encoding="utf-8") as f:
-        return _check_schema(json.load(f), f"{repo_id}/{MANIFEST_NAME}")
+        path = path / MANIFEST_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"no {MANIFEST_NAME} in {dir_or_repo_id}: not a model pruned by optimum-statprune")
+        where = str(path)
+    elif path.is_file():
+        where = str(path)
+    else:
+        repo_id = str(dir_or_repo_id)
+        path = Path(transport.download_file(repo_id, MANIFEST_NAME, revision, token, endpoint=endpoint,
+                                            cache_dir=cache_dir, token_file=token_file))
+        where = f"{repo_id}/{MANIFEST_NAME}"
+    with open(path, encoding="utf-8") as f:
+        return check_schema(json.load(f), where)
 
 
-def _check_schema(manifest: dict[str, Any], where: str) -> dict[str, Any]:
-    if manifest.get("schema_version") != MANIFEST_SCHEMA_VERSION:
-        raise ValueError(
-            f"{where} has manifest schema {manifest.get('schema_version')!r}; this version reads {MANIFEST_SCHEMA_VERSION}"
-        )
+def check_schema(manifest: dict[str, Any], where: str) -> dict[str, Any]:
+    """``manifest`` if this version reads its schema; a ``ValueError`` naming ``where`` otherwise."""
+    version = manifest.get("schema_version") if isinstance(manifest, dict) else None
+    if version not in SUPPORTED_SCHEMAS:
+        raise ValueError(f"{where} has manifest schema {version!r}; this version reads {', '.join(map(str, SUPPORTED_SCHEMAS))}")
+    if version >= 2 and not (isinstance(manifest.get("tensors"), dict) and isinstance(manifest.get("files"), dict)):
+        raise ValueError(f"{where} is a schema-{version} manifest without its 'tensors' and 'files' sections")
     return manifest
 
 
@@ -143,33 +177,50 @@ def verify(
     hashes: bool = True,
     endpoint: str | None = None,
     cache_dir: str | os.PathLike | None = None,
+    token_file: str | os.PathLike | None = None,
 ) -> VerificationReport:
     """Check the weights of a local directory or Hub repo against a pruning manifest (its own unless
     ``manifest`` is given: a dict, a file or a directory). See the module docstring for the checks."""
     folder = Path(dir_or_repo_id)
     if not folder.is_dir():
-        from .hub import download
-
-        folder = Path(download(str(dir_or_repo_id), revision, token, cache_dir, endpoint, allow_patterns=WEIGHT_FILES))
+        folder = Path(transport.download(str(dir_or_repo_id), revision, token, cache_dir, endpoint,
+                                         allow_patterns=WEIGHT_FILES, token_file=token_file))
     if manifest is None:
-        man = read_manifest(folder)
+        man = load_manifest(folder)
     elif isinstance(manifest, dict):
-        man = manifest
+        man = check_schema(manifest, "the manifest given")
     else:
         man = load_manifest(manifest)
-    report = VerificationReport(str(dir_or_repo_id), layers=len(man.get("layers", [])), hashes=hashes)
-    checkpoint = _Checkpoint(folder)
-    if not checkpoint.files:
-        report.mismatches.append(Mismatch("*", "missing", f"no *.safetensors files in {folder}"))
-        return report
-    layouts = _Layouts(folder)
-    default_pattern = (man.get("config") or {}).get("pattern", "unstructured")
+    report = VerificationReport(str(dir_or_repo_id), layers=len(man.get("layers", [])), hashes=hashes,
+                                schema=int(man["schema_version"]))
     try:
-        for rec in man.get("layers", []):
-            _check_layer(rec, checkpoint, layouts, default_pattern, hashes, report)
-    finally:
-        checkpoint.close()
-    report.notes += layouts.notes
+        reader = CheckpointReader(folder)
+    except FileNotFoundError as e:
+        report.mismatches.append(Mismatch("*", "missing-file", str(e)))
+        return report
+    except Exception as e:  # noqa: BLE001 - a checkpoint that cannot be opened fails verification, with the reason
+        report.mismatches.append(Mismatch("*", "unreadable", f"{type(e).__name__}: {e}"))
+        return report
+    named = sorted(set(reader.weight_map.values()))
+    present = [name for name in named if (folder / name).is_file()]
+    for name in sorted(set(named) - set(present)):
+        keys = [k for k, f in reader.weight_map.items() if f == name]
+        report.mismatches.append(Mismatch(name, "missing-file", f"named by {INDEX_NAME} for {len(keys)} tensor(s) "
+                                                                f"(e.g. {keys[0]}), not on disk"))
+    if report.schema >= 2:
+        for stray in sorted({p.name for p in folder.glob("*.safetensors")} - set(named)):
+            report.mismatches.append(Mismatch(stray, "unexpected-file", "a safetensors file the checkpoint does not "
+                                                                        "name (a stale shard?); it would be pushed too"))
+        if hashes:  # a fine-tuned copy may be sharded differently: its file list is its own
+            _check_files(man["files"], folder, named, present, report)
+        _check_tensors(man["tensors"], folder, reader.weight_map, present, hashes, report)
+    else:
+        report.warnings.append(
+            "schema-1 manifest: only the pruned layers are checked; tensors outside them (embeddings, norms, "
+            "lm_head, ...) and the file sizes are not covered"
+        )
+        logger.info("%s: %s", report.source, report.warnings[-1])
+    _check_layers(man, folder, reader, hashes, report)
     if report.ok:
         logger.info("%s", report.summary())
     else:
@@ -177,10 +228,87 @@ def verify(
     return report
 
 
-def _check_layer(
-    rec: dict[str, Any], checkpoint: _Checkpoint, layouts: _Layouts, default_pattern: str, hashes: bool,
-    report: VerificationReport,
-) -> None:
+def _check_files(recorded: dict[str, int], folder: Path, named: list[str], present: list[str],
+                 report: VerificationReport) -> None:
+    for name in named:
+        if name not in recorded:
+            report.mismatches.append(Mismatch(name, "unexpected-file", "named by the checkpoint, not recorded in the manifest"))
+    for name, size in recorded.items():
+        if name not in named:
+            report.mismatches.append(Mismatch(name, "missing-file", "recorded in the manifest, not part of the checkpoint"))
+        elif name in present:
+            report.files += 1
+            actual = (folder / name).stat().st_size
+            if actual != int(size):
+                report.mismatches.append(Mismatch(name, "size", f"{actual} bytes on disk, manifest {size}"))
+
+
+def _check_tensors(recorded: dict[str, str], folder: Path, weight_map: dict[str, str], present: list[str],
+                   hashes: bool, report: VerificationReport) -> None:
+    """Every stored tensor against the manifest's ``tensors``, hashed from its stored bytes."""
+    seen: set[str] = set()
+    for name in present:
+        path = folder / name
+        try:
+            _, header = safetensors_header(path)
+        except (OSError, ValueError) as e:
+            report.mismatches.append(Mismatch(name, "unreadable", f"safetensors header: {e}"))
+            continue
+        keys = []
+        for key in header:
+            seen.add(key)
+            if key not in recorded:
+                report.mismatches.append(Mismatch(key, "unexpected-tensor", f"stored in {name}, not in the manifest", key))
+                continue
+            if weight_map.get(key) != name:
+                report.mismatches.append(Mismatch(key, "index", f"stored in {name}, the index names {weight_map.get(key)}", key))
+            keys.append(key)
+            report.tensors += 1
+        if not hashes:
+            continue
+        try:
+            for key, digest in _stored_digests(path, header, keys):
+                if digest != recorded[key]:
+                    report.mismatches.append(Mismatch(
+                        key, "sha256", f"stored bytes hash to {digest[:16]}..., manifest {str(recorded[key])[:16]}...", key))
+        except (OSError, EOFError, KeyError, RuntimeError) as e:
+            report.mismatches.append(Mismatch(name, "unreadable", f"reading its tensors failed: {e!r}"))
+    for key in sorted(set(recorded) - seen):
+        where = weight_map.get(key)
+        report.mismatches.append(Mismatch(key, "missing-tensor", "recorded in the manifest, stored in no file"
+                                                                 + (f" (the index names {where})" if where else ""), key))
+
+
+def _stored_digests(path: Path, header: dict[str, Any], keys: list[str]) -> Iterator[tuple[str, str]]:
+    """``(key, tensor_sha256)`` of ``keys`` in ``path``, read in file order, ``HASH_BATCH_BYTES`` at a time."""
+    ordered = sorted(keys, key=lambda k: header[k]["data_offsets"][0])
+    batch: list[str] = []
+    size = 0
+    for key in [*ordered, None]:
+        nbytes = 0 if key is None else header[key]["data_offsets"][1] - header[key]["data_offsets"][0]
+        if batch and (key is None or size + nbytes > HASH_BATCH_BYTES):
+            tensors, _ = read_to_host({path: batch})
+            for k in batch:
+                yield k, sha256_in_place(tensors[k])
+            del tensors
+            batch, size = [], 0
+        if key is not None:
+            batch.append(key)
+            size += nbytes
+
+
+# ------------------------------------------------------------------------------------------- layers
+def _check_layers(man: dict[str, Any], folder: Path, reader: CheckpointReader, hashes: bool,
+                  report: VerificationReport) -> None:
+    model = _ModelLayout(folder, reader)
+    default_pattern = (man.get("config") or {}).get("pattern", "unstructured")
+    for rec in man.get("layers", []):
+        _check_layer(rec, model, default_pattern, hashes, report)
+    report.notes += model.notes
+
+
+def _check_layer(rec: dict[str, Any], model: _ModelLayout, default_pattern: str, hashes: bool,
+                 report: VerificationReport) -> None:
     name, key = rec["name"], rec.get("tensor")
     shape = [int(s) for s in rec["shape"]]
 
@@ -196,11 +324,14 @@ def _check_layer(
         if index is not None and key == f"{name.rsplit('.', 2)[0]}.{name.rsplit('.', 1)[1]}":
             expert = index
     try:
-        stored = checkpoint.weight(key, expert, layouts)
+        stored = model.weight(key, expert)
     except KeyError as e:
-        fail("missing", str(e.args[0]))
+        fail("missing-tensor", str(e.args[0]))
         return
-    candidates = layouts.orientations(rec, stored, shape, expert)
+    except (OSError, EOFError, ValueError, RuntimeError) as e:  # a truncated or damaged shard
+        fail("unreadable", f"{type(e).__name__}: {e}")
+        return
+    candidates = model.orientations(rec, stored, shape, expert)
     if not candidates:
         fail("shape", f"stored {list(stored.shape)}, manifest {shape}")
         return
@@ -217,6 +348,11 @@ def _check_layer(
             weight = matched
     elif hashes:
         report.notes.append(f"{name}: no sha256 in the manifest; sparsity checked only")
+    _check_sparsity(rec, weight, str(rec.get("pattern") or default_pattern), fail, report)
+    report.checked += 1
+
+
+def _check_sparsity(rec: dict[str, Any], weight: torch.Tensor, pattern: str, fail, report: VerificationReport) -> None:
     numel = weight.numel()
     zeros = int((weight == 0).sum())
     expected = round(float(rec["sparsity"]) * numel)
@@ -224,8 +360,7 @@ def _check_layer(
         fail("sparsity", f"{zeros}/{numel} zeros ({zeros / numel:.4%}), manifest {expected} ({rec['sparsity']:.4%}): "
                          f"at least {expected - zeros} pruned weight(s) are nonzero again")
     elif zeros > expected:
-        report.notes.append(f"{name}: {zeros - expected} more zero(s) than the manifest records")
-    pattern = str(rec.get("pattern") or default_pattern)
+        report.notes.append(f"{rec['name']}: {zeros - expected} more zero(s) than the manifest records")
     match = re.fullmatch(r"(\d+):(\d+)", pattern)
     if match:
         n, m = int(match.group(1)), int(match.group(2))
@@ -236,7 +371,6 @@ def _check_layer(
             bad = int((nonzero > n).sum())
             if bad:
                 fail("n:m", f"{bad} group(s) of {m} inputs hold more than {n} nonzeros (at most {int(nonzero.max())})")
-    report.checked += 1
 
 
 def _expert_index(name: str) -> int | None:
@@ -247,101 +381,81 @@ def _expert_index(name: str) -> int | None:
     return None
 
 
-# ------------------------------------------------------------------------------------------- reading
-class _Checkpoint:
-    """The safetensors files of a folder: key -> file from the index (or the headers), and at most one
-    file open at a time."""
-
-    def __init__(self, folder: Path):
-        from safetensors import safe_open
-
-        self._safe_open = safe_open
-        self.folder = folder
-        self.where: dict[str, str] = {}
-        index = folder / "model.safetensors.index.json"
-        if index.is_file():
-            with open(index, encoding="utf-8") as f:
-                self.where = dict(json.load(f)["weight_map"])
-            self.files = sorted(set(self.where.values()))
-        else:
-            self.files = sorted(p.name for p in folder.glob("*.safetensors"))
-            for fname in self.files:
-                with safe_open(folder / fname, framework="pt") as h:
-                    for k in h.keys():  # noqa: SIM118 - safe_open is not a mapping
-                        self.where.setdefault(k, fname)
-        self._open_name: str | None = None
-        self._handle: Any = None
-
-    def close(self) -> None:
-        if self._handle is not None:
-            self._handle.__exit__(None, None, None)
-        self._handle = self._open_name = None
-
-    def _file(self, key: str):
-        fname = self.where[key]
-        if fname != self._open_name:
-            self.close()
-            path = self.folder / fname
-            if not path.is_file():
-                raise KeyError(f"{key} is listed in {fname}, which is missing")
-            self._handle = self._safe_open(path, framework="pt").__enter__()
-            self._open_name = fname
-        return self._handle
-
-    def get(self, key: str, index: int | None = None) -> torch.Tensor:
-        handle = self._file(key)
-        return handle.get_slice(key)[index] if index is not None else handle.get_tensor(key)
-
-    def weight(self, key: str, expert: int | None, layouts: _Layouts) -> torch.Tensor:
-        """The stored tensor of a layer (one expert's slice for fused experts), in its on-disk layout."""
-        if key in self.where:
-            return self.get(key, expert if expert is not None and expert >= 0 else None)
-        if expert is not None:
-            sources = layouts.expert_sources(key, expert, self.where)
-            if sources:
-                return torch.cat([self.get(k) for k in sources], dim=0)
-        raise KeyError(f"{key} is not in the checkpoint")
+def _block_prefix(key: str) -> str | None:
+    """``model.layers.3.mlp.experts.gate_up_proj`` -> ``model.layers.3.`` (None outside numbered blocks)."""
+    parts = key.split(".")
+    index = next((i for i, p in enumerate(parts) if p.isdigit()), None)
+    return None if index is None else ".".join(parts[: index + 1]) + "."
 
 
-class _Layouts:
-    """How the in-memory ``[d_out, d_in]`` weight maps to what is on disk, per layer."""
+class _ModelLayout:
+    """The model's view of the checkpoint: tensors under in-memory names (converted one block at a time
+    by transformers' own conversion objects where needed) and the orientation of each layer."""
 
-    def __init__(self, folder: Path):
-        self.folder = folder
+    def __init__(self, folder: Path, reader: CheckpointReader):
+        self.folder, self.reader = folder, reader
         self.notes: list[str] = []
         self._skeleton: Any = None
-        self._skeleton_tried = False
-        config_path = folder / "config.json"
-        self.config: dict[str, Any] = {}
-        if config_path.is_file():
-            with open(config_path, encoding="utf-8") as f:
-                self.config = json.load(f)
+        self._conversion: Any = None
+        self._tried = False
+        self._block: tuple[str | None, dict[str, torch.Tensor]] = (None, {})
+        self._last: tuple[str | None, Any] = (None, None)
 
-    def skeleton(self):
-        """The model built on the meta device from ``config.json`` (no weights, no remote code), or None."""
-        if not self._skeleton_tried:
-            self._skeleton_tried = True
-            try:
-                from transformers import AutoConfig, AutoModelForCausalLM
+    def _load(self) -> None:
+        """The model built on the meta device from ``config.json`` (no weights, no remote code) and its
+        checkpoint conversion; both stay None when that cannot be done."""
+        if self._tried:
+            return
+        self._tried = True
+        try:
+            from ..engine.conversion import CheckpointConversion
+            from ..engine.streaming import build_skeleton
 
-                config = AutoConfig.from_pretrained(self.folder, trust_remote_code=False)
-                with torch.device("meta"):
-                    self._skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
-            except Exception as e:  # noqa: BLE001 - fall back to shapes
-                self.notes.append(f"could not build the model class from config.json ({e!r}); orientation from shapes")
-        return self._skeleton
+            self._skeleton = build_skeleton(self.folder)
+            self._conversion = CheckpointConversion(self._skeleton, self.reader.tensor_names())
+        except Exception as e:  # noqa: BLE001 - fall back to the keys and shapes as stored
+            self.notes.append(f"could not build the model class from config.json ({type(e).__name__}: {e}); "
+                              "orientation from shapes, no checkpoint conversion")
+
+    def _read(self, key: str) -> torch.Tensor:
+        """One stored tensor; the last one is kept, as the experts of a fused tensor follow each other."""
+        if self._last[0] != key:
+            file = self.reader.weight_map[key]
+            if not (self.folder / file).is_file():
+                raise KeyError(f"{key} is listed in {file}, which is missing")
+            self._last = (key, read_to_host({self.folder / file: [key]})[0][key])
+        return self._last[1]
+
+    def weight(self, key: str, expert: int | None) -> torch.Tensor:
+        """The tensor of a layer under its in-memory name (one expert's slice for fused experts)."""
+        tensor = self._read(key) if key in self.reader.weight_map else self._converted(key)
+        return tensor[expert] if expert is not None and expert >= 0 else tensor
+
+    def _converted(self, key: str) -> torch.Tensor:
+        prefix = _block_prefix(key)
+        self._load()
+        if prefix is None or self._conversion is None or not self._conversion.active:
+            raise KeyError(f"{key} is not in the checkpoint")
+        if self._block[0] != prefix:
+            by_file = self.reader.files([k for k in self.reader.tensor_names() if k.startswith(prefix)])
+            missing = sorted(p.name for p in by_file if not p.is_file())
+            if missing:
+                raise KeyError(f"{key} is converted from tensors in {', '.join(missing)}, which is missing")
+            self._block = (prefix, self._conversion.to_model(read_to_host(by_file)[0]) if by_file else {})
+        if key not in self._block[1]:
+            raise KeyError(f"{key} is not in the checkpoint, even after transformers' conversions")
+        return self._block[1][key]
 
     def transposed(self, rec: dict[str, Any], expert: int | None) -> bool | None:
         """True for GPT-2 ``Conv1D`` and transposed fused experts; None when unknown."""
         if "transposed" in rec:
             return bool(rec["transposed"])
-        model = self.skeleton()
-        if model is None:
+        self._load()
+        if self._skeleton is None:
             return None
         name = rec["name"]
-        module_name = name.rsplit(".", 2)[0] if expert is not None else name
         try:
-            module = model.get_submodule(module_name)
+            module = self._skeleton.get_submodule(name.rsplit(".", 2)[0] if expert is not None else name)
         except AttributeError:
             return None
         if expert is not None:
@@ -350,60 +464,18 @@ class _Layouts:
 
         return isinstance(module, Conv1D)
 
-    def orientations(
-        self, rec: dict[str, Any], stored: torch.Tensor, shape: list[int], expert: int | None
-    ) -> list[torch.Tensor]:
+    def orientations(self, rec: dict[str, Any], stored: torch.Tensor, shape: list[int],
+                     expert: int | None) -> list[torch.Tensor]:
         """Candidate ``[d_out, d_in]`` views of ``stored``: one when the layout is known, both for a
         square weight of unknown layout."""
         if stored.dim() != 2:
             return []
-        flipped = stored.T
         known = self.transposed(rec, expert)
         if known is not None:
-            w = flipped if known else stored
+            w = stored.T if known else stored
             return [w] if list(w.shape) == shape else []
-        out = [w for w in (stored, flipped) if list(w.shape) == shape]
+        out = [w for w in (stored, stored.T) if list(w.shape) == shape]
         if len(out) == 2:
             self.notes.append(f"{rec['name']}: square weight of unknown layout; both orientations tried")
         return out
 
-    def expert_sources(self, key: str, expert: int, available: dict[str, str]) -> list[str] | None:
-        """On-disk keys whose rows, concatenated, form expert ``expert`` of the fused tensor ``key``
-        (transformers' ``MergeModulelist`` [+ ``Concatenate(dim=1)``] conversion, reversed)."""
-        model_type = self.config.get("model_type")
-        if not model_type:
-            return None
-        try:
-            from transformers.conversion_mapping import get_checkpoint_conversion_mapping
-
-            mapping = get_checkpoint_conversion_mapping(model_type) or []
-        except Exception:  # noqa: BLE001 - older transformers: no mapping, nothing to reverse
-            return None
-        renamings = [(s, t) for c in mapping if type(c).__name__ == "WeightRenaming"
-                     for s, t in zip(c.source_patterns, c.target_patterns, strict=False)]
-        for conv in mapping:
-            if type(conv).__name__ != "WeightConverter":
-                continue
-            ops = [type(o).__name__ for o in getattr(conv, "operations", [])]
-            if ops not in (["MergeModulelist"], ["MergeModulelist", "Concatenate"]):
-                continue
-            for target in conv.target_patterns:
-                at = key.rfind(target.lstrip("^").rstrip("$"))
-                if at < 0 or not key.endswith(target.rstrip("$")):
-                    continue
-                prefix = key[:at]
-                keys = [prefix + s.replace("*", str(expert)) for s in conv.source_patterns]
-                for candidate in _renamed(keys, renamings):
-                    if all(k in available for k in candidate):
-                        return candidate
-        return None
-
-
-def _renamed(keys: list[str], renamings: list[tuple[str, str]]) -> list[list[str]]:
-    """``keys`` as they are, and with each in-memory -> checkpoint renaming undone."""
-    out = [keys]
-    for source, target in renamings:
-        undone = [k.replace(target, source) for k in keys]
-        if undone != keys:
-            out.append(undone)
-    return out
