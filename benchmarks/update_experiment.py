@@ -15,7 +15,9 @@ in one process on the same tokens.
 A run is a JSON object of ``StatPruneConfig`` overrides plus, optionally:
   "update": {"iters": 20, "damp": 0.1, "rho": 1.0, "tf32": false,
              "score": <mask method; default the config's method>,
-             "gradual": <steps re-choosing the mask, 0 = fixed mask>, "exponent": 3.0}
+             "gradual": <steps re-choosing the mask, 0 = fixed mask>, "exponent": 3.0,
+             "dsnot": <max swaps per row of the DSnoT-style refinement before the update, 0 = none>}
+           ("iters": 0 without "gradual" gives the mask-only weights: e.g. a mask method + DSnoT alone)
   "nsamples": k    use the first k calibration windows (protocol A's seed-0 draw is sequential, so
                    these are exactly the windows a k-sample draw would give)
   "label": "..."
@@ -36,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import add_protocol_arguments, load_model, load_tokens, restore  # noqa: E402
 
 import optimum_statprune.engine.loop as loop  # noqa: E402
+from optimum_statprune.tensor_math.dsnot import refine_mask  # noqa: E402
 from optimum_statprune.tensor_math.masks import make_mask  # noqa: E402
 from optimum_statprune.tensor_math.scores import layer_scores, weight_dispersion  # noqa: E402
 from optimum_statprune.tensor_math.stats import ChannelStats  # noqa: E402
@@ -98,6 +101,13 @@ def prune_target(target, stats, config, sparsity=None, uncompensated=None):
     sparsity = config.sparsity if sparsity is None else sparsity
     method = spec.get("score", config.method)
     mask = make_mask(layer_scores(method, w0, stats.stats, config), sparsity, config.pattern, config.group)
+    refined = None
+    if spec.get("dsnot", 0):
+        if config.group != "row":
+            raise ValueError("the DSnoT refinement swaps inside rows: use group='row'")
+        refined = refine_mask(w0, mask, stats.stats.mean, stats.stats.variance, pattern=config.pattern,
+                              max_swaps=spec["dsnot"])
+        mask = refined.mask
     schedule = None
     if spec.get("gradual", 0):
         schedule = GradualMask(sparsity, config.pattern, config.group, steps=spec["gradual"],
@@ -106,6 +116,9 @@ def prune_target(target, stats, config, sparsity=None, uncompensated=None):
     result = masked_reconstruction(w0, mask, stats.gram.xtx, damp=spec.get("damp", 0.1), rho=spec.get("rho", 1.0),
                                    iters=spec.get("iters", 20), mask_schedule=schedule, tf32=spec.get("tf32", False))
     target.set_weight(result.weight)
+    if refined is not None:
+        result.extra["dsnot"] = {"swaps": refined.swaps, "objective_before": refined.objective_before,
+                                 "objective_after": refined.objective_after}
     return {"name": target.name, "shape": list(w0.shape), "method": method, "transposed": target.transposed,
             "tokens": stats.count, "update": result.record(), "compensation": {"kind": "none", "applied": False},
             "pattern": config.pattern, "sparsity": 1.0 - float(result.mask.sum()) / result.mask.numel()}
@@ -174,6 +187,8 @@ def main() -> None:
             if upd:
                 row["error_ratio_mean"] = sum(u["error"] / u["error_mask"] for u in upd if u["error_mask"] > 0) / len(upd)
                 row["retries"] = sum(u["retries"] for u in upd)
+                if any("dsnot" in u for u in upd):
+                    row["dsnot_swaps"] = sum(u["dsnot"]["swaps"] for u in upd if "dsnot" in u)
             rows.append(row)
             print(json.dumps(row), flush=True)
             if args.json:
