@@ -40,9 +40,14 @@ from quality import add_protocol_arguments, load_model, load_tokens, restore  # 
 import optimum_statprune.engine.loop as loop  # noqa: E402
 from optimum_statprune.tensor_math.dsnot import refine_mask  # noqa: E402
 from optimum_statprune.tensor_math.masks import make_mask  # noqa: E402
-from optimum_statprune.tensor_math.scores import layer_scores, weight_dispersion  # noqa: E402
+from optimum_statprune.tensor_math.scores import layer_scores  # noqa: E402
 from optimum_statprune.tensor_math.stats import ChannelStats  # noqa: E402
-from optimum_statprune.tensor_math.weight_update import GradualMask, GramAccumulator, masked_reconstruction  # noqa: E402
+from optimum_statprune.tensor_math.weight_update import (  # noqa: E402
+    GradualMask,
+    GramAccumulator,
+    masked_reconstruction,
+    score_column_factor,
+)
 
 _STATE: dict = {"update": None}
 _ORIG_PRUNE_TARGET = loop.prune_target
@@ -75,23 +80,6 @@ def _accumulator(self, name: str, dim: int):
     return acc
 
 
-def column_factor(method: str, w0: torch.Tensor, stats: ChannelStats, config) -> torch.Tensor:
-    """Per input column ``c_j`` with ``score_ij = |W_ij| c_j`` for the column-separable scores (RIA's is
-    not separable: its activation part is used). Passed to ``GradualMask`` to re-rank in that score."""
-    dev = w0.device
-    if method == "magnitude":
-        return torch.ones(w0.shape[1], device=dev)
-    if method == "wanda":
-        return stats.norm.to(dev, torch.float32)
-    if method == "ria":
-        return stats.norm.pow(config.ria_power).to(dev, torch.float32)
-    a = stats.variance if config.resolve("activation_stat") == "variance" else stats.second_moment
-    c = a.pow(config.resolve("activation_power") / 2).to(dev, torch.float32)
-    if config.resolve("weight_stat_axis") == "column":
-        c = c * (weight_dispersion(w0, "column") + config.eps).pow(-config.resolve("alpha") / 2)
-    return c
-
-
 @torch.no_grad()
 def prune_target(target, stats, config, sparsity=None, uncompensated=None):
     spec = _STATE["update"]
@@ -112,7 +100,7 @@ def prune_target(target, stats, config, sparsity=None, uncompensated=None):
     if spec.get("gradual", 0):
         schedule = GradualMask(sparsity, config.pattern, config.group, steps=spec["gradual"],
                                exponent=spec.get("exponent", 3.0),
-                               column_factor=column_factor(method, w0, stats.stats, config))
+                               column_factor=score_column_factor(method, w0, stats.stats, config))
     result = masked_reconstruction(w0, mask, stats.gram.xtx, damp=spec.get("damp", 0.1), rho=spec.get("rho", 1.0),
                                    iters=spec.get("iters", 20), mask_schedule=schedule, tf32=spec.get("tf32", False))
     target.set_weight(result.weight)
