@@ -299,7 +299,7 @@ def test_targets_reading_one_tensor_share_one_accumulator():
     # the shared statistics are those of the input itself
     x = torch.cat(inputs.hidden)
     normed = blocks[0].input_layernorm(x)
-    torch.testing.assert_close(s["q_proj"].sumsq, normed.double().square().sum((0, 1)), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(s["q_proj"].channel.sumsq, normed.double().square().sum((0, 1)), rtol=1e-10, atol=1e-10)
 
 
 def test_owl_redistributes_sparsity_with_the_uniform_total():

@@ -190,6 +190,8 @@ def _default_text(f: dataclasses.Field) -> str:
     else:  # pragma: no cover - every field has a default
         return "required"
     if value is None:
+        if f.name == "sparsity":
+            return "0.5, or 1-N/M with an N:M pattern"
         return "the method's preset" if f.name in PRESET_FIELDS else "all"
     if isinstance(value, tuple):
         return " ".join(str(v) for v in value)
@@ -947,7 +949,7 @@ def _fmt_count(n: int) -> str:
 def _describe_config(config: StatPruneConfig) -> str:
     if config.nm is not None:
         return f"{config.method}, {config.pattern}"
-    return f"{config.method}, {config.sparsity:.0%} unstructured, {config.group} groups"
+    return f"{config.method}, {config.effective_sparsity:.0%} unstructured, {config.group} groups"
 
 
 # ------------------------------------------------------------------------------------------------ prune
@@ -1179,7 +1181,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     for m in methods:
         for p in patterns:
             try:
-                configs.append(dataclasses.replace(base, method=m, pattern=p))
+                # an N:M pattern fixes the sparsity: the base's applies to the unstructured runs
+                configs.append(dataclasses.replace(base, method=m, pattern=p, sparsity=base.sparsity if p == "unstructured" else None))
             except ValueError as exc:
                 raise UsageError(
                     f"--patterns: {p!r} is not a valid pattern; use 'unstructured' or N:M with 0 < N < M, such as 2:4"
@@ -1243,7 +1246,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         "model": ref.label,
         "calibration": None if cal_ids is None else {"source": args.calibration, "nsamples": int(cal_ids.shape[0]), "seqlen": seqlen, "seed": base.seed},
         "eval": {"source": args.eval, "windows": int(eval_ids.shape[0]), "seqlen": seqlen},
-        "sparsity": base.sparsity,
+        "sparsity": base.effective_sparsity,
         "total_seconds": time.perf_counter() - started,
         "rows": rows,
     }
