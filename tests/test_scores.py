@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from optimum_statprune import StatPruneConfig
+from optimum_statprune.methods import ScoreMethod, get_method
 from optimum_statprune.tensor_math.scores import (
     cvr_score,
     magnitude_score,
@@ -15,7 +16,6 @@ from optimum_statprune.tensor_math.scores import (
     wanda_score,
     weight_dispersion,
 )
-from optimum_statprune.methods import ScoreMethod, get_method
 from optimum_statprune.tensor_math.stats import ChannelStats, LayerStatistics
 
 D_OUT, D_IN, N_TOK = 5, 7, 23
