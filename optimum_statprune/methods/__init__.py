@@ -29,6 +29,7 @@ __all__ = [
     "invalid",
     "method_names",
     "register",
+    "unregister",
 ]
 
 FALLBACK_METHOD = "magnitude"
@@ -56,6 +57,12 @@ def register(method: Method, replace: bool = False) -> Method:
         raise ValueError(f"a method named {name!r} is already registered ({_REGISTRY[name]!r})")
     _REGISTRY[name] = method
     return method
+
+
+def unregister(name: str) -> Method:
+    """Remove and return the method registered as ``name`` (for tests and plugins that replace one)."""
+    get_method(name)
+    return _REGISTRY.pop(name)
 
 
 def get_method(name: str) -> Method:
