@@ -8,13 +8,17 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from .methods import all_methods, cvr, get_method, method_names, sparsegpt
+from .methods import all_methods, get_method, method_names
 from .methods.base import CHANNEL, check_bool, check_choice, check_int, check_real, invalid, is_real
+from .methods.cvr import ACTIVATION_STATS, WEIGHT_STAT_AXES
+from .methods.sparsegpt import ALLOCATIONS as SPARSEGPT_ALLOCATIONS
+from .methods.sparsegpt import SWEEPS as SPARSEGPT_SWEEPS
 from .tensor_math.patterns import (
+    DEFAULT_SPARSITY,
     UNSTRUCTURED,
     PatternError,
-    SparsityError,
     parse_pattern,
+    pattern_conflict,
     resolve_sparsity,
     sparsity_problem,
 )
@@ -34,11 +38,14 @@ COMPENSATION_NEEDS: dict[str, frozenset[str]] = {
 COMPENSATIONS = tuple(COMPENSATION_NEEDS)
 SAFETY_SCOPES = ("layer", "block")
 EC_STEPS = ("column", "row", "column,row", "row,column")
-# Fields of one method, named here because the CLI lists their choices.
-WEIGHT_STAT_AXES = cvr.WEIGHT_STAT_AXES
-ACTIVATION_STATS = cvr.ACTIVATION_STATS
-SPARSEGPT_ALLOCATIONS = sparsegpt.ALLOCATIONS
-SPARSEGPT_SWEEPS = sparsegpt.SWEEPS
+# The choices of methods' own fields (WEIGHT_STAT_AXES, ACTIVATION_STATS, SPARSEGPT_*) are imported
+# above from their methods, and named here because the CLI lists them. METHODS and PRESET_DEFAULTS are
+# views of the registry (module __getattr__ below).
+__all__ = [
+    "ACTIVATION_STATS", "COMPENSATIONS", "CONFIG_NAME", "DEFAULT_SPARSITY", "EC_STEPS", "GENERAL_DEFAULTS", "GROUPS",
+    "PRESET_FIELDS", "SAFETY_SCOPES", "SCHEMA_VERSION", "SPARSEGPT_ALLOCATIONS",
+    "SPARSEGPT_SWEEPS", "WEIGHT_STAT_AXES", "StatPruneConfig",
+]
 
 # What a preset field left at None means when the method's preset does not set it (methods/*.py hold
 # the presets: "cvr" is the paper's formula, i.e. these; "statprune" what the protocol-A sweep chose).
@@ -70,13 +77,13 @@ class StatPruneConfig:
     """What to prune, how, and with which calibration.
 
     Fields left at ``None`` take the method's defaults (see ``resolved()``), so a saved config
-    records what the user asked for and the manifest records what was actually run. ``sparsity`` left
-    at None is 0.5 for unstructured pruning and ``1 - N/M`` for an N:M pattern; set beside an N:M
-    pattern, it must equal ``1 - N/M``.
+    records what the user asked for and the manifest records what was actually run. Beside an N:M
+    pattern, ``sparsity`` must be left at its default (it then means ``1 - N/M``) or equal ``1 - N/M``;
+    ``effective_sparsity`` and ``resolved()`` give what runs (tensor_math/patterns.py).
     """
 
     method: str = "statprune"
-    sparsity: float | None = None
+    sparsity: float = DEFAULT_SPARSITY
     pattern: str = "unstructured"
     group: str = "row"
     # CVR: S_ij = |W_ij| * A_j^(activation_power/2) * (sigma^2_W + eps)^(-alpha/2), A = Var(x) or E[x^2];
@@ -156,14 +163,9 @@ class StatPruneConfig:
             parse_pattern(self.pattern)
         except PatternError as e:
             invalid("pattern", self.pattern, str(e))
-        if self.sparsity is not None:
-            problem = sparsity_problem(self.sparsity)
-            if problem is not None:
-                invalid("sparsity", self.sparsity, problem)
-        try:
-            resolve_sparsity(self.sparsity, self.pattern)
-        except SparsityError as e:
-            invalid("sparsity", self.sparsity, str(e).split(" is not valid: ", 1)[-1])
+        problem = sparsity_problem(self.sparsity) or pattern_conflict(self.sparsity, self.pattern)
+        if problem is not None:
+            invalid("sparsity", self.sparsity, problem)
 
     def _validate_compensation(self) -> None:
         check_choice(self, "compensation", COMPENSATIONS, optional=True)
@@ -208,7 +210,7 @@ class StatPruneConfig:
 
     @property
     def effective_sparsity(self) -> float:
-        """The fraction pruned: ``1 - N/M`` for N:M, else ``sparsity`` (unset: 0.5)."""
+        """The fraction pruned: ``sparsity`` for unstructured, ``1 - N/M`` for N:M."""
         return resolve_sparsity(self.sparsity, self.pattern)
 
     @property

@@ -45,6 +45,7 @@ BAD_VALUES = [
     ("sparsity", INF),
     ("sparsity", True),
     ("sparsity", "0.5"),
+    ("sparsity", None),
     ("pattern", "4:2"),
     ("pattern", "2:2"),
     ("pattern", "0:4"),
@@ -301,8 +302,8 @@ def test_needs_activations(kwargs, expected):
 
 NON_DEFAULT = {
     "method": "cvr",
-    "sparsity": 0.5,  # explicit, and equal to what 4:8 prunes
-    "pattern": "4:8",
+    "sparsity": 0.75,  # explicit, and equal to what 1:4 prunes
+    "pattern": "1:4",
     "group": "layer",
     "alpha": 0.5,
     "eps": 1e-6,
@@ -333,7 +334,7 @@ NON_DEFAULT = {
     "owl_threshold": 7.0,
     "owl_lambda": 0.2,
 }
-# OWL allocates unstructured sparsity, so it cannot be switched on beside NON_DEFAULT's 4:8 pattern.
+# OWL allocates unstructured sparsity, so it cannot be switched on beside NON_DEFAULT's 1:4 pattern.
 OWL = {"method": "wanda", "owl": True, "owl_threshold": 3.0, "owl_lambda": 0.1}
 
 
@@ -452,7 +453,7 @@ def test_cross_field_rules():
         ({"sparsity": 0.7}, 0.7),
         ({"pattern": "2:4"}, 0.5),
         ({"pattern": "4:8"}, 0.5),
-        ({"pattern": "1:4"}, 0.75),
+        ({"pattern": "1:4"}, 0.75),  # the default sparsity beside N:M stands for "not set"
         ({"pattern": "2:8"}, 0.75),
         ({"pattern": "1:4", "sparsity": 0.75}, 0.75),
         ({"pattern": "2:4", "sparsity": 0.5}, 0.5),
@@ -464,11 +465,11 @@ def test_sparsity_is_the_users_or_the_patterns(kwargs, expected):
     assert cfg.effective_sparsity == pytest.approx(expected, abs=1e-12)
     # the manifest (resolved) records what runs; the saved config what the user asked for
     assert cfg.resolved()["sparsity"] == pytest.approx(expected, abs=1e-12)
-    assert cfg.to_dict()["sparsity"] == kwargs.get("sparsity")
+    assert cfg.to_dict()["sparsity"] == kwargs.get("sparsity", 0.5)
     assert StatPruneConfig.from_dict(json.loads(cfg.to_json_string())) == cfg
 
 
-@pytest.mark.parametrize(("pattern", "sparsity"), [("2:4", 0.9), ("4:8", 0.6), ("1:4", 0.5), ("2:4", 0.25)])
+@pytest.mark.parametrize(("pattern", "sparsity"), [("2:4", 0.9), ("4:8", 0.6), ("1:4", 0.7), ("2:4", 0.25)])
 def test_explicit_sparsity_that_contradicts_the_pattern_is_refused(pattern, sparsity):
     """An N:M pattern prunes exactly 1 - N/M; a different sparsity set beside it would be recorded but not
     run (the old behaviour: 2:4 with 0.9 pruned 50% and the manifest said 90%)."""
@@ -477,14 +478,14 @@ def test_explicit_sparsity_that_contradicts_the_pattern_is_refused(pattern, spar
     msg = str(info.value)
     n, m = (int(v) for v in pattern.split(":"))
     assert f"StatPruneConfig.sparsity={sparsity!r}" in msg and pattern in msg
-    assert f"{1 - n / m:g}" in msg and "leave sparsity unset" in msg
+    assert f"{1 - n / m:g}" in msg and "leave sparsity at its default" in msg
 
 
-def test_saved_nm_config_from_before_keeps_loading():
-    """Configs saved before sparsity could be unset recorded 0.5 beside 2:4 and 4:8: still valid."""
-    old = StatPruneConfig(pattern="2:4").to_dict()
-    old["sparsity"] = 0.5
-    assert StatPruneConfig.from_dict(old).effective_sparsity == 0.5
+def test_a_resolved_config_reloads():
+    """What the manifest records (resolved) is itself a valid config, e.g. for the model card's command."""
+    for kwargs in ({"pattern": "1:4"}, {"pattern": "2:4"}, {"sparsity": 0.3}):
+        resolved = StatPruneConfig(**kwargs).resolved()
+        assert StatPruneConfig.from_dict(resolved).effective_sparsity == resolved["sparsity"]
 
 
 def test_owl_lambda_is_bounded_by_the_resolved_sparsity():

@@ -89,13 +89,13 @@ def test_a_layers_sparsity_may_be_0_or_1():
 @pytest.mark.parametrize(
     ("sparsity", "pattern", "expected"),
     [(None, "unstructured", DEFAULT_SPARSITY), (0.3, "unstructured", 0.3), (None, "2:4", 0.5), (None, "1:4", 0.75),
-     (0.75, "1:4", 0.75), (0.5, "4:8", 0.5), (1 - 1 / 3, "1:3", 1 - 1 / 3)],
+     (DEFAULT_SPARSITY, "1:4", 0.75), (0.75, "1:4", 0.75), (0.5, "4:8", 0.5), (1 - 1 / 3, "1:3", 1 - 1 / 3)],
 )
 def test_resolve_sparsity(sparsity, pattern, expected):
     assert resolve_sparsity(sparsity, pattern) == pytest.approx(expected, abs=1e-15)
 
 
-@pytest.mark.parametrize(("sparsity", "pattern"), [(0.9, "2:4"), (0.5, "1:4"), (0.6, "4:8"), (0.74, "1:4")])
-def test_an_explicit_sparsity_must_agree_with_the_pattern(sparsity, pattern):
-    with pytest.raises(SparsityError, match="leave sparsity unset"):
+@pytest.mark.parametrize(("sparsity", "pattern"), [(0.9, "2:4"), (0.6, "4:8"), (0.74, "1:4"), (0.25, "1:4")])
+def test_a_sparsity_beside_nm_must_be_the_default_or_agree(sparsity, pattern):
+    with pytest.raises(SparsityError, match="leave sparsity at its default or set it to"):
         resolve_sparsity(sparsity, pattern)

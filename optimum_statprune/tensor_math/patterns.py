@@ -2,8 +2,10 @@
 
 A pattern is ``"unstructured"`` or ``"N:M"`` (``N`` weights kept in every ``M`` consecutive inputs,
 ``0 < N < M``). With an N:M pattern the pruned fraction is fixed by the pattern, ``1 - N/M``, so a
-sparsity the user sets beside it must agree with it; left unset, it is taken from the pattern
-(``resolve_sparsity``). Everything here is plain Python (no torch), so the config can use it without
+sparsity set beside it must agree with it. The default sparsity (0.5) stands for "not set": beside an
+N:M pattern it means ``1 - N/M`` (``resolve_sparsity``), so ``StatPruneConfig(pattern="1:4")`` works and
+prunes 75%, while ``pattern="2:4", sparsity=0.9`` is refused. (An explicit 0.5 beside ``1:4`` cannot be
+told from the default and is read the same way.) Everything here is plain Python (no torch), so the config can use it without
 importing torch.
 """
 
@@ -15,7 +17,8 @@ import re
 
 UNSTRUCTURED = "unstructured"
 DEFAULT_SPARSITY = 0.5
-"""What an unset sparsity means with the unstructured pattern."""
+"""The config's default sparsity: what unstructured pruning prunes unless told otherwise, and "not set"
+beside an N:M pattern."""
 
 _NM_RE = re.compile(r"^(\d+):(\d+)$")
 # Two sparsities closer than this are the same (1 - N/M as a float, typed back by a user).
@@ -85,18 +88,27 @@ def check_sparsity(
     return float(value)  # type: ignore[arg-type]
 
 
-def resolve_sparsity(sparsity: float | None, pattern: str) -> float:
-    """The fraction a run prunes: the pattern's ``1 - N/M`` for N:M, else ``sparsity`` (unset: 0.5).
-
-    An explicit sparsity beside an N:M pattern must equal ``1 - N/M``: ``2:4`` with ``0.9`` would prune
-    50% and record 90%, so it is refused rather than ignored."""
+def pattern_conflict(sparsity: float | None, pattern: str) -> str | None:
+    """Why ``sparsity`` cannot go with ``pattern``, or None. An N:M pattern prunes exactly ``1 - N/M``; a
+    sparsity beside it other than that or the default would be recorded but not run (``2:4`` with ``0.9``
+    prunes 50%), so it is refused rather than ignored."""
     implied = pattern_sparsity(pattern)
-    if sparsity is None:
-        return DEFAULT_SPARSITY if implied is None else implied
-    value = check_sparsity(sparsity)
-    if implied is not None and abs(value - implied) > _SPARSITY_TOLERANCE:
-        raise SparsityError(
-            f"sparsity={sparsity!r} is not valid: a {pattern} pattern prunes exactly 1 - {pattern.replace(':', '/')} "
-            f"= {implied:g} of the weights; leave sparsity unset (None) or set it to {implied:g}"
-        )
-    return value
+    if implied is None or sparsity is None or sparsity == DEFAULT_SPARSITY:
+        return None
+    if abs(sparsity - implied) <= _SPARSITY_TOLERANCE:
+        return None
+    return (
+        f"a {pattern} pattern prunes exactly 1 - {pattern.replace(':', '/')} = {implied:g} of the weights; "
+        f"leave sparsity at its default or set it to {implied:g}"
+    )
+
+
+def resolve_sparsity(sparsity: float | None, pattern: str) -> float:
+    """The fraction a run prunes: the pattern's ``1 - N/M`` for N:M (a ``sparsity`` other than that or the
+    default is refused), else ``sparsity`` (None: ``DEFAULT_SPARSITY``). ``SparsityError`` if invalid."""
+    value = DEFAULT_SPARSITY if sparsity is None else check_sparsity(sparsity)
+    conflict = pattern_conflict(value, pattern)
+    if conflict is not None:
+        raise SparsityError(f"sparsity={sparsity!r} is not valid: {conflict}")
+    implied = pattern_sparsity(pattern)
+    return value if implied is None else implied
