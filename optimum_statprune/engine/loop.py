@@ -63,8 +63,8 @@ logger = logging.getLogger(__name__)
 BLOCK_CHECK_BATCHES = 1
 """Calibration batches the block-level safety check runs the block on (three extra passes each)."""
 
-# Old private names, kept for the modules and tests that import them from here.
-_call_block, _observe, _to_host, _hidden_size = call_block, observe, to_host, hidden_size
+# engine/streaming.py still imports the old private name; the public one is targets.hidden_size.
+_hidden_size = hidden_size
 
 
 class BlockStore(Protocol):
