@@ -140,12 +140,16 @@ def _prune_block(block, inputs, i, hidden, blocks_path, config, device, sparsiti
 
 
 def _next_inputs(block, inputs: BlockInputs, i: int, hidden: list[torch.Tensor], blocks_path: str) -> list[torch.Tensor]:
-    """Block ``i``'s outputs, the next block's inputs, each checked for NaN/Inf before it spreads."""
-    outputs = []
+    """Block ``i``'s outputs, the next block's inputs, checked for NaN/Inf before they spread. The flags stay
+    on the device until the block is done: one synchronisation per block, not one per batch."""
+    outputs, finite = [], []
     for b, h in enumerate(hidden):
         out = call_block(block, inputs, i, b, h)
-        check_finite(out, f"the output of block {blocks_path}.{i} (calibration batch {b})")
+        finite.append(torch.isfinite(out).all())
         outputs.append(to_host(out) if inputs.on_host else out)
+    if finite and not bool(torch.stack(finite).all()):
+        b = next(b for b, ok in enumerate(finite) if not bool(ok))
+        check_finite(outputs[b], f"the output of block {blocks_path}.{i} (calibration batch {b})")
     return outputs
 
 
