@@ -230,8 +230,6 @@ class StatPruneConfig:
 
     def resolve(self, name: str) -> Any:
         """A preset field's value as run: the user's, else the method's preset, else the general default."""
-        if name not in GENERAL_DEFAULTS:
-            raise KeyError(f"{name!r} is not a preset field; preset fields: {', '.join(PRESET_FIELDS)}")
         value = getattr(self, name)
         if value is not None:
             return value
