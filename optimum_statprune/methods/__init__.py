@@ -3,7 +3,8 @@
 A method module defines a ``Method`` (usually a ``ScoreMethod``) and calls ``register`` on an instance
 at import. Every module of this package is imported here, the built-in ones first in a fixed order (the
 order the CLI lists them in), then any other module in alphabetical order, so adding a method is one new
-file in this folder (plus its tests); code outside the package can ``register`` its own too. The config
+file in this folder (plus its tests); modules whose names start with ``_`` (and ``base``) are helpers, not
+methods. Code outside the package can ``register`` its own too. The config
 takes its method list and presets from here, the engine asks the method for its statistics and to prune
 a layer: neither branches on method names.
 """
