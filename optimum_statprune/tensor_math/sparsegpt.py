@@ -1,10 +1,11 @@
 """SparseGPT (Frantar & Alistarh, 2023): OBS weight updates that compensate for pruned weights.
 
-Two pieces of pure tensor math, apart from any model plumbing:
+Pure tensor math, apart from any model plumbing:
 
-- ``HessianAccumulator`` sums ``X^T X`` over a linear's input tokens (padding excluded). Raw sums merge
-  by addition, so several devices can all-reduce them, and the result does not depend on how the tokens
-  were split into batches (up to float rounding).
+- ``HessianAccumulator`` (defined in ``stats.py`` with the other input statistics, re-exported here) sums
+  ``X^T X`` over a linear's input tokens (padding excluded). Raw sums merge by addition, so several
+  devices can all-reduce them, and the result does not depend on how the tokens were split into batches
+  (up to float rounding).
 - ``sparsegpt_prune`` prunes one weight matrix column block by column block, as in the reference
   implementation (IST-DASLab/sparsegpt): dead inputs, relative dampening, the upper Cholesky factor of
   ``H^-1``, blocks of 128 columns, saliency ``w^2 / [H^-1]_jj``, lazy batched updates of later blocks.
