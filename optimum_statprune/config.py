@@ -225,8 +225,9 @@ class StatPruneConfig:
 
     @property
     def needs_activations(self) -> bool:
-        """Whether the run needs calibration data (any statistic at all)."""
-        return bool(self.statistics)
+        """Whether the run needs calibration data: any statistic, or OWL (whose pre-pass ranks blocks by
+        their outlier Wanda scores, from the activations, whatever the method)."""
+        return bool(self.statistics) or self.owl
 
     def resolve(self, name: str) -> Any:
         """A preset field's value as run: the user's, else the method's preset, else the general default."""

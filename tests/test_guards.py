@@ -163,3 +163,18 @@ def test_manifest_records_the_resolved_sparsity_of_an_nm_pattern(tmp_path):
     manifest = json.loads((out / MANIFEST_NAME).read_text())
     assert manifest["config"]["sparsity"] == 0.75 and manifest["config"]["pattern"] == "1:4"
     assert manifest["summary"]["sparsity"] == 0.75
+
+
+# ---------------------------------------------------------------------------------------------- OWL
+def test_owl_with_magnitude_needs_calibration_and_allocates_per_block():
+    """OWL ranks blocks by outlier Wanda scores whatever the method: without calibration data it used to
+    see no activations and fall back to uniform sparsity silently."""
+    config = StatPruneConfig(method="magnitude", owl=True, owl_lambda=0.2, owl_threshold=2.0)
+    assert config.statistics == frozenset() and config.needs_activations
+    with pytest.raises(ValueError, match="needs calibration"):
+        StatPruner.from_pretrained(build("llama"), config=config, device="cpu").prune(progress=False)
+    pruner = StatPruner.from_pretrained(build("llama"), config=config, device="cpu")
+    pruner.prune(token_ids(4, 16), progress=False)
+    ratios = pruner.report.owl["ratios"]
+    assert any(r > 0 for r in ratios) and len(set(pruner.report.owl["block_sparsity"])) > 1
+    assert all(r["tokens"] == 0 and "fallback" not in r for r in pruner.report.layers)  # magnitude observes nothing

@@ -118,7 +118,7 @@ class PruneReport:
 def _prune_block(block, inputs, i, hidden, blocks_path, config, device, sparsities=None) -> list[dict[str, Any]]:
     targets = find_targets(block, f"{blocks_path}.{i}", config.targets, config.ignore)
     level = dict(zip((t.name for t in targets), sparsities, strict=True)) if sparsities is not None else {}
-    if not config.needs_activations:
+    if not config.statistics:
         return [prune_target(t, None, config, level.get(t.name)) for t in targets]
     observer = Observer(targets, config, device, i)
     block_check = (
