@@ -38,6 +38,7 @@ class BlockInputs:
     on_host: bool = False  # hidden states kept in (pinned) host memory between blocks
     device: torch.device | None = None  # where the blocks run
 
+
 def _move_outside(model: nn.Module, blocks_path: str, device: torch.device) -> dict[str, torch.device]:
     """Move every parameter and buffer outside the blocks to ``device``; return where each was."""
     homes: dict[str, torch.device] = {}
@@ -58,8 +59,12 @@ def _restore_outside(model: nn.Module, homes: dict[str, torch.device]) -> None:
             if home is not None and t.device != home:
                 t.data = t.data.to(home)
 
+
 ACTIVATION_PLACEMENTS = ("auto", "device", "host")
+
+
 def to_host(t: torch.Tensor) -> torch.Tensor:
+    """``t`` on the host, pinned where a GPU exists so copying it back to the GPU can overlap compute."""
     t = t.to("cpu")
     return t.pin_memory() if torch.cuda.is_available() else t
 
@@ -132,7 +137,6 @@ def capture_block_inputs(
     if len(inputs.hidden) != len(batches):
         raise RuntimeError("the first decoder block was not reached during calibration")
     return inputs
-
 
 
 def call_block(block: nn.Module, inputs: BlockInputs, i: int, b: int, hidden: torch.Tensor) -> torch.Tensor:
