@@ -3,42 +3,52 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from .methods import all_methods, get_method, method_names
+from .methods.base import CHANNEL, check_bool, check_choice, check_int, check_real, invalid, is_real
+from .methods.cvr import ACTIVATION_STATS, WEIGHT_STAT_AXES
+from .methods.sparsegpt import ALLOCATIONS as SPARSEGPT_ALLOCATIONS
+from .methods.sparsegpt import SWEEPS as SPARSEGPT_SWEEPS
+from .tensor_math.patterns import (
+    DEFAULT_SPARSITY,
+    UNSTRUCTURED,
+    PatternError,
+    parse_pattern,
+    pattern_conflict,
+    resolve_sparsity,
+    sparsity_problem,
+)
+
 CONFIG_NAME = "statprune_config.json"
 SCHEMA_VERSION = 1
 
-METHODS = ("magnitude", "wanda", "ria", "cvr", "statprune", "sparsegpt")
 GROUPS = ("row", "layer")
-WEIGHT_STAT_AXES = ("column", "row")
-COMPENSATIONS = ("none", "ec", "ec-activation", "lsq", "bias")
-ACTIVATION_STATS = ("variance", "second_moment")
+# Statistics each compensation reads ("ec" works on the weights alone).
+COMPENSATION_NEEDS: dict[str, frozenset[str]] = {
+    "none": frozenset(),
+    "ec": frozenset(),
+    "ec-activation": frozenset({CHANNEL}),
+    "lsq": frozenset({CHANNEL}),
+    "bias": frozenset({CHANNEL}),
+}
+COMPENSATIONS = tuple(COMPENSATION_NEEDS)
 SAFETY_SCOPES = ("layer", "block")
 EC_STEPS = ("column", "row", "column,row", "row,column")
-ACTIVATION_METHODS = ("wanda", "ria", "cvr", "statprune", "sparsegpt")
+# The choices of methods' own fields (WEIGHT_STAT_AXES, ACTIVATION_STATS, SPARSEGPT_*) are imported
+# above from their methods, and named here because the CLI lists them. METHODS and PRESET_DEFAULTS are
+# views of the registry (module __getattr__ below).
+__all__ = [
+    "ACTIVATION_STATS", "COMPENSATIONS", "CONFIG_NAME", "DEFAULT_SPARSITY", "EC_STEPS", "GENERAL_DEFAULTS", "GROUPS",
+    "PRESET_FIELDS", "SAFETY_SCOPES", "SCHEMA_VERSION", "SPARSEGPT_ALLOCATIONS",
+    "SPARSEGPT_SWEEPS", "WEIGHT_STAT_AXES", "StatPruneConfig",
+]
 
-_PATTERN_RE = re.compile(r"^(\d+):(\d+)$")
-
-# What a field left at None means: the method's preset first, then the general default. The "cvr"
-# preset is the paper's formula as written; the "statprune" preset is what the protocol-A sweep chose
-# (docs/results.md, benchmarks/sweep.py).
-PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
-    "cvr": {},
-    # protocol A, 50% unstructured: 50.74 against Wanda's 52.32 and SparseGPT's 49.96 (docs/results.md)
-    "statprune": {
-        "alpha": 0.5,
-        "activation_stat": "second_moment",
-        "activation_power": 1.0,
-        "weight_stat_axis": "column",
-        "compensation": "ec-activation",
-        "safety_check": True,
-        "safety_scope": "layer",
-    },
-}
+# What a preset field left at None means when the method's preset does not set it (methods/*.py hold
+# the presets: "cvr" is the paper's formula, i.e. these; "statprune" what the protocol-A sweep chose).
 GENERAL_DEFAULTS: dict[str, Any] = {
     "alpha": 1.0,
     "activation_stat": "variance",
@@ -52,8 +62,14 @@ GENERAL_DEFAULTS: dict[str, Any] = {
 PRESET_FIELDS = tuple(GENERAL_DEFAULTS)
 
 
-def _fail(name: str, value: Any, allowed: str) -> None:
-    raise ValueError(f"StatPruneConfig.{name}={value!r} is not valid: {allowed}.")
+def __getattr__(name: str) -> Any:
+    # The method list and presets live in the registry; these names are views of it, computed on use so
+    # that a method registered later is included.
+    if name == "METHODS":
+        return method_names()
+    if name == "PRESET_DEFAULTS":
+        return {m.name: dict(m.preset) for m in all_methods()}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -61,11 +77,13 @@ class StatPruneConfig:
     """What to prune, how, and with which calibration.
 
     Fields left at ``None`` take the method's defaults (see ``resolved()``), so a saved config
-    records what the user asked for and the manifest records what was actually run.
+    records what the user asked for and the manifest records what was actually run. Beside an N:M
+    pattern, ``sparsity`` must be left at its default (it then means ``1 - N/M``) or equal ``1 - N/M``;
+    ``effective_sparsity`` and ``resolved()`` give what runs (tensor_math/patterns.py).
     """
 
     method: str = "statprune"
-    sparsity: float = 0.5
+    sparsity: float = DEFAULT_SPARSITY
     pattern: str = "unstructured"
     group: str = "row"
     # CVR: S_ij = |W_ij| * A_j^(activation_power/2) * (sigma^2_W + eps)^(-alpha/2), A = Var(x) or E[x^2];
@@ -87,9 +105,12 @@ class StatPruneConfig:
     ec_clamp: tuple[float, float] = (1.0, 2.0)
     add_bias: bool = False
     sample_tokens: int = 2048
-    # SparseGPT: OBS updates over column blocks, dampening relative to mean(diag(H))
+    # SparseGPT: OBS updates over column blocks, dampening relative to mean(diag(H)); experimental:
+    # how an unstructured budget is spread over column blocks, and the per-block sweep (methods/sparsegpt.py)
     sparsegpt_blocksize: int = 128
     sparsegpt_damp: float = 0.01
+    sparsegpt_allocation: str = "even"
+    sparsegpt_sweep: str = "columns"
     # OWL: per-block sparsity from the share of outlier Wanda scores (> owl_threshold x mean)
     owl: bool = False
     owl_threshold: float = 5.0
@@ -114,121 +135,115 @@ class StatPruneConfig:
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
-        if self.method not in METHODS:
-            _fail("method", self.method, f"choose one of {', '.join(METHODS)}")
-        if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)) or not 0 < self.sparsity < 1:
-            _fail("sparsity", self.sparsity, "use a fraction strictly between 0 and 1, e.g. 0.5")
-        if self.pattern != "unstructured":
-            m = _PATTERN_RE.match(str(self.pattern))
-            if not m:
-                _fail("pattern", self.pattern, "use 'unstructured' or 'N:M' such as '2:4'")
-            n, mm = int(m.group(1)), int(m.group(2))
-            if not 0 < n < mm:
-                _fail("pattern", self.pattern, "N:M needs 0 < N < M (N weights kept in every group of M)")
-        if self.group not in GROUPS:
-            _fail("group", self.group, f"choose one of {', '.join(GROUPS)}")
-        for name in ("alpha", "eps", "ria_power", "activation_power", "compensation_shrink"):
-            v = getattr(self, name)
-            if v is None and name in PRESET_FIELDS:
-                continue
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                _fail(name, v, "use a finite real number")
-        if self.alpha is not None and self.alpha < 0:
-            _fail("alpha", self.alpha, "use a number >= 0")
-        if self.activation_power is not None and self.activation_power < 0:
-            _fail("activation_power", self.activation_power, "use a number >= 0 (1/2: the paper's Var(x)^(1/4))")
-        if self.compensation_shrink is not None and not 0 < self.compensation_shrink <= 1:
-            _fail("compensation_shrink", self.compensation_shrink, "use a fraction in (0, 1]; 1 applies the correction fully")
-        if self.eps <= 0:
-            _fail("eps", self.eps, "use a positive number such as 1e-8")
-        if self.weight_stat_axis is not None and self.weight_stat_axis not in WEIGHT_STAT_AXES:
-            _fail("weight_stat_axis", self.weight_stat_axis, f"choose one of {', '.join(WEIGHT_STAT_AXES)}")
-        if self.activation_stat is not None and self.activation_stat not in ACTIVATION_STATS:
-            _fail("activation_stat", self.activation_stat, f"choose one of {', '.join(ACTIVATION_STATS)}")
-        if self.safety_scope is not None and self.safety_scope not in SAFETY_SCOPES:
-            _fail("safety_scope", self.safety_scope, f"choose one of {', '.join(SAFETY_SCOPES)}")
-        if self.compensation is not None and self.compensation not in COMPENSATIONS:
-            _fail("compensation", self.compensation, f"choose one of {', '.join(COMPENSATIONS)}")
-        if self.safety_check is not None and not isinstance(self.safety_check, bool):
-            _fail("safety_check", self.safety_check, "use true or false")
-        for name in ("ec_centered", "add_bias", "sequential"):
-            if not isinstance(getattr(self, name), bool):
-                _fail(name, getattr(self, name), "use true or false")
-        if self.ec_steps not in EC_STEPS:
-            _fail("ec_steps", self.ec_steps, f"choose one of {', '.join(EC_STEPS)}")
-        if not (
-            isinstance(self.ec_clamp, tuple)
-            and len(self.ec_clamp) == 2
-            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in self.ec_clamp)
-            and 0 < self.ec_clamp[0] <= self.ec_clamp[1]
-        ):
-            _fail("ec_clamp", self.ec_clamp, "use a pair (low, high) with 0 < low <= high, e.g. (1.0, 2.0)")
-        if self.method == "sparsegpt" and self.compensation not in (None, "none"):
-            _fail("compensation", self.compensation, "sparsegpt updates the surviving weights itself; use 'none'")
-        if isinstance(self.sparsegpt_damp, bool) or not isinstance(self.sparsegpt_damp, (int, float)) or not 0 < self.sparsegpt_damp < 1:
-            _fail("sparsegpt_damp", self.sparsegpt_damp, "use a fraction of mean(diag(H)) in (0, 1), e.g. 0.01")
-        if not isinstance(self.owl, bool):
-            _fail("owl", self.owl, "use true or false")
-        if self.owl and self.pattern != "unstructured":
-            _fail("owl", self.owl, "OWL allocates unstructured sparsity per block; use pattern='unstructured'")
-        if isinstance(self.owl_threshold, bool) or not isinstance(self.owl_threshold, (int, float)) or not self.owl_threshold > 0:
-            _fail("owl_threshold", self.owl_threshold, "use a positive multiple of the mean score, e.g. 5")
-        limit = min(self.sparsity, 1 - self.sparsity) if self.owl else 1.0
-        if isinstance(self.owl_lambda, bool) or not isinstance(self.owl_lambda, (int, float)) or not 0 <= self.owl_lambda < limit:
-            _fail("owl_lambda", self.owl_lambda, "use a spread in [0, min(sparsity, 1 - sparsity)), e.g. 0.08")
-        for name in ("sample_tokens", "nsamples", "seqlen", "batch_size", "sparsegpt_blocksize"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                _fail(name, v, "use a positive integer")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            _fail("seed", self.seed, "use a non-negative integer")
+        """General fields here; every method checks the values of its own fields, and the chosen method
+        the rules that hold when it runs (e.g. SparseGPT refuses a compensation)."""
+        if not isinstance(self.method, str) or self.method not in method_names():
+            invalid("method", self.method, f"choose one of {', '.join(method_names())}")
+        self._validate_pattern()
+        check_choice(self, "group", GROUPS)
+        self._validate_compensation()
+        self._validate_owl()
+        for name in ("sample_tokens", "nsamples", "seqlen", "batch_size"):
+            check_int(self, name)
+        check_int(self, "seed", minimum=0)
+        check_bool(self, "sequential")
+        self._validate_module_patterns()
+        if isinstance(self.schema_version, bool) or self.schema_version != SCHEMA_VERSION:
+            invalid("schema_version", self.schema_version, f"this version of optimum-statprune reads schema {SCHEMA_VERSION}")
+        for method in all_methods():
+            method.check_fields(self)
+        method = get_method(self.method)
+        unknown = set(method.preset) - set(PRESET_FIELDS)
+        if unknown:
+            raise ValueError(f"method {method.name!r} presets {sorted(unknown)}, which are not preset fields {PRESET_FIELDS}")
+        method.validate(self)
+
+    def _validate_pattern(self) -> None:
+        try:
+            parse_pattern(self.pattern)
+        except PatternError as e:
+            invalid("pattern", self.pattern, str(e))
+        problem = sparsity_problem(self.sparsity) or pattern_conflict(self.sparsity, self.pattern)
+        if problem is not None:
+            invalid("sparsity", self.sparsity, problem)
+
+    def _validate_compensation(self) -> None:
+        check_choice(self, "compensation", COMPENSATIONS, optional=True)
+        check_real(self, "compensation_shrink", low=0, high=1, low_open=True, optional=True,
+                   allowed="use a fraction in (0, 1]; 1 applies the correction fully")
+        check_bool(self, "safety_check", optional=True)
+        check_choice(self, "safety_scope", SAFETY_SCOPES, optional=True)
+        check_choice(self, "ec_steps", EC_STEPS)
+        check_bool(self, "ec_centered")
+        check_bool(self, "add_bias")
+        clamp = self.ec_clamp
+        if not (isinstance(clamp, tuple) and len(clamp) == 2 and all(is_real(v) for v in clamp) and 0 < clamp[0] <= clamp[1]):
+            invalid("ec_clamp", clamp, "use a pair (low, high) with 0 < low <= high, e.g. (1.0, 2.0)")
+
+    def _validate_owl(self) -> None:
+        check_bool(self, "owl")
+        if self.owl and self.pattern != UNSTRUCTURED:
+            invalid("owl", self.owl, "OWL allocates unstructured sparsity per block; use pattern='unstructured'")
+        check_real(self, "owl_threshold", low=0, low_open=True, allowed="use a positive multiple of the mean score, e.g. 5")
+        s = self.effective_sparsity
+        check_real(self, "owl_lambda", low=0, high=min(s, 1 - s) if self.owl else 1.0, high_open=True,
+                   allowed="use a spread in [0, min(sparsity, 1 - sparsity)), e.g. 0.08")
+
+    def _validate_module_patterns(self) -> None:
         for name in ("targets", "ignore"):
             v = getattr(self, name)
             if v is None and name == "targets":
                 continue
             if not isinstance(v, list) or not all(isinstance(p, str) and p for p in v):
-                _fail(name, v, "use a list of module-name patterns (regular expressions)")
+                invalid(name, v, "use a list of module-name patterns (regular expressions)")
             for p in v:
                 try:
                     re.compile(p)
                 except re.error as e:
-                    _fail(name, p, f"not a valid regular expression ({e})")
-        if isinstance(self.schema_version, bool) or self.schema_version != SCHEMA_VERSION:
-            _fail("schema_version", self.schema_version, f"this version of optimum-statprune reads schema {SCHEMA_VERSION}")
+                    invalid(name, p, f"not a valid regular expression ({e})")
 
     # ------------------------------------------------------------------ derived values
     @property
     def nm(self) -> tuple[int, int] | None:
         """(N, M) for an N:M pattern, else None."""
-        if self.pattern == "unstructured":
-            return None
-        n, m = self.pattern.split(":")
-        return int(n), int(m)
+        return parse_pattern(self.pattern)
 
     @property
     def effective_sparsity(self) -> float:
         """The fraction pruned: ``sparsity`` for unstructured, ``1 - N/M`` for N:M."""
-        nm = self.nm
-        return self.sparsity if nm is None else 1.0 - nm[0] / nm[1]
+        return resolve_sparsity(self.sparsity, self.pattern)
+
+    @property
+    def statistics(self) -> frozenset[str]:
+        """The input statistics a run collects: the method's, and those its compensation reads (a safety
+        check judges on a token subsample, which comes with the channel statistics)."""
+        kind = self.resolved_compensation()
+        needs = get_method(self.method).needs | COMPENSATION_NEEDS[kind]
+        if kind != "none" and self.resolve("safety_check"):
+            needs |= {CHANNEL}
+        return needs
 
     @property
     def needs_activations(self) -> bool:
-        return self.method in ACTIVATION_METHODS or self.resolved_compensation() not in ("none", "ec")
+        """Whether the run needs calibration data: any statistic, or OWL (whose pre-pass ranks blocks by
+        their outlier Wanda scores, from the activations, whatever the method)."""
+        return bool(self.statistics) or self.owl
 
     def resolve(self, name: str) -> Any:
         """A preset field's value as run: the user's, else the method's preset, else the general default."""
         value = getattr(self, name)
         if value is not None:
             return value
-        return PRESET_DEFAULTS.get(self.method, {}).get(name, GENERAL_DEFAULTS[name])
+        return get_method(self.method).preset.get(name, GENERAL_DEFAULTS[name])
 
     def resolved_compensation(self) -> str:
         return self.resolve("compensation")
 
     def resolved(self) -> dict[str, Any]:
-        """The config as run: preset defaults filled in."""
+        """The config as run: preset defaults and the sparsity filled in."""
         d = self.to_dict()
         d.update({name: self.resolve(name) for name in PRESET_FIELDS})
+        d["sparsity"] = self.effective_sparsity
         return d
 
     # ------------------------------------------------------------------ serialisation

@@ -1,4 +1,4 @@
-"""Evaluation: perplexity on token windows, a sparsity report of the targeted linears, an lm-eval bridge.
+"""Evaluation: perplexity on token windows, a sparsity report of the targeted weights, an lm-eval bridge.
 
 Perplexity follows the SparseGPT/Wanda protocol: every window is scored on its own (no context from
 the previous window), the labels are the window shifted by one, so a window of ``L`` tokens gives
@@ -18,15 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .engine.targets import Target, find_blocks, find_targets
+
 logger = logging.getLogger(__name__)
-
-try:  # transformers' GPT-2 style linear (weight stored [in, out])
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover - transformers is a dependency
-    Conv1D = None  # type: ignore[assignment,misc]
-
-LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear,) if Conv1D is None else (nn.Linear, Conv1D)
-
 
 def _input_device(model: nn.Module) -> torch.device:
     """Where input ids must go: the input embedding's device (right for accelerate-dispatched models)."""
@@ -105,36 +99,25 @@ def perplexity(
         return math.inf
 
 
-def _excluded_modules(model: nn.Module) -> set[int]:
-    """ids of the embeddings and the LM head, which are never pruned (tied heads included)."""
-    excluded: set[int] = set()
-    for getter in ("get_input_embeddings", "get_output_embeddings"):
-        fn = getattr(model, getter, None)
-        if callable(fn):
-            try:
-                module = fn()
-            except (NotImplementedError, AttributeError):
-                module = None
-            if module is not None:
-                excluded.add(id(module))
-    return excluded
-
-
-def targeted_linears(model: nn.Module) -> dict[str, nn.Module]:
-    """Every ``nn.Linear``/``Conv1D`` except the LM head and embeddings, by qualified name."""
-    excluded = _excluded_modules(model)
-    found = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, LINEAR_TYPES) or id(module) in excluded:
-            continue
-        if name.split(".")[-1] == "lm_head":
-            continue
-        found[name] = module
+def targeted_weights(
+    model: nn.Module, targets: list[str] | None = None, ignore: list[str] | None = None, blocks: str | None = None
+) -> dict[str, Target]:
+    """The weights pruning targets, by the names the manifest records: the one definition
+    (``engine.targets.find_targets``) over every decoder block, so routers are left out and each fused
+    expert counts once per expert and projection. ``targets``/``ignore``/``blocks`` as in the config."""
+    path, block_list = find_blocks(model, blocks)
+    found: dict[str, Target] = {}
+    for i, block in enumerate(block_list):
+        for t in find_targets(block, f"{path}.{i}", targets, ignore):
+            found[t.name] = t
     return found
 
 
-def sparsity_report(model: nn.Module) -> dict[str, Any]:
-    """Zeros, total and sparsity per targeted linear and over all of them.
+def sparsity_report(
+    model: nn.Module, targets: list[str] | None = None, ignore: list[str] | None = None, blocks: str | None = None
+) -> dict[str, Any]:
+    """Zeros, total and sparsity per targeted weight (``targeted_weights``) and over all of them, so the
+    figure is comparable with the manifest's summary of a model pruned with the same targets.
 
     Returns ``{"layers": {name: {"zeros", "total", "sparsity"}}, "zeros", "total", "sparsity"}``;
     counts are exact integers (weights on the meta device are skipped with a warning).
@@ -143,8 +126,8 @@ def sparsity_report(model: nn.Module) -> dict[str, Any]:
     zeros_total = 0
     numel_total = 0
     with torch.no_grad():
-        for name, module in targeted_linears(model).items():
-            weight = module.weight
+        for name, target in targeted_weights(model, targets, ignore, blocks).items():
+            weight = target.stored()
             if weight.device.type == "meta":
                 logger.warning("sparsity_report: %s has no data (meta device); skipped", name)
                 continue

@@ -21,6 +21,10 @@ BAD_VALUES = [
     ("sparsegpt_damp", 0),
     ("sparsegpt_damp", 1.0),
     ("sparsegpt_damp", True),
+    ("sparsegpt_allocation", "greedy"),
+    ("sparsegpt_allocation", None),
+    ("sparsegpt_sweep", "fused"),
+    ("sparsegpt_sweep", None),
     ("owl", "yes"),
     ("owl", 1),
     ("owl_threshold", 0),
@@ -240,7 +244,7 @@ def test_list_and_string_normalisation():
 def test_derived_values():
     assert StatPruneConfig().nm is None
     assert StatPruneConfig(sparsity=0.3).effective_sparsity == 0.3
-    cfg = StatPruneConfig(pattern="2:4", sparsity=0.9)
+    cfg = StatPruneConfig(pattern="2:4")
     assert cfg.nm == (2, 4)
     assert cfg.effective_sparsity == 0.5
     assert StatPruneConfig(pattern="4:8").nm == (4, 8)
@@ -298,8 +302,8 @@ def test_needs_activations(kwargs, expected):
 
 NON_DEFAULT = {
     "method": "cvr",
-    "sparsity": 0.6,
-    "pattern": "4:8",
+    "sparsity": 0.75,  # explicit, and equal to what 1:4 prunes
+    "pattern": "1:4",
     "group": "layer",
     "alpha": 0.5,
     "eps": 1e-6,
@@ -325,10 +329,12 @@ NON_DEFAULT = {
     "ignore": ["layers\\.0\\."],
     "sparsegpt_blocksize": 64,
     "sparsegpt_damp": 0.05,
+    "sparsegpt_allocation": "lookahead",
+    "sparsegpt_sweep": "solve",
     "owl_threshold": 7.0,
     "owl_lambda": 0.2,
 }
-# OWL allocates unstructured sparsity, so it cannot be switched on beside NON_DEFAULT's 4:8 pattern.
+# OWL allocates unstructured sparsity, so it cannot be switched on beside NON_DEFAULT's 1:4 pattern.
 OWL = {"method": "wanda", "owl": True, "owl_threshold": 3.0, "owl_lambda": 0.1}
 
 
@@ -437,3 +443,115 @@ def test_cross_field_rules():
     with pytest.raises(ValueError, match="owl_lambda"):
         StatPruneConfig(method="wanda", owl=True, sparsity=0.1, owl_lambda=0.2)
     assert StatPruneConfig(sparsity=0.05).owl_lambda == 0.08  # only checked against sparsity when OWL is on
+
+
+# ---------------------------------------------------------------------------------- sparsity and N:M
+@pytest.mark.parametrize(
+    "kwargs, expected",
+    [
+        ({}, 0.5),
+        ({"sparsity": 0.7}, 0.7),
+        ({"pattern": "2:4"}, 0.5),
+        ({"pattern": "4:8"}, 0.5),
+        ({"pattern": "1:4"}, 0.75),  # the default sparsity beside N:M stands for "not set"
+        ({"pattern": "2:8"}, 0.75),
+        ({"pattern": "1:4", "sparsity": 0.75}, 0.75),
+        ({"pattern": "2:4", "sparsity": 0.5}, 0.5),
+        ({"pattern": "1:3", "sparsity": 1 - 1 / 3}, 1 - 1 / 3),
+    ],
+)
+def test_sparsity_is_the_users_or_the_patterns(kwargs, expected):
+    cfg = StatPruneConfig(**kwargs)
+    assert cfg.effective_sparsity == pytest.approx(expected, abs=1e-12)
+    # the manifest (resolved) records what runs; the saved config what the user asked for
+    assert cfg.resolved()["sparsity"] == pytest.approx(expected, abs=1e-12)
+    assert cfg.to_dict()["sparsity"] == kwargs.get("sparsity", 0.5)
+    assert StatPruneConfig.from_dict(json.loads(cfg.to_json_string())) == cfg
+
+
+@pytest.mark.parametrize(("pattern", "sparsity"), [("2:4", 0.9), ("4:8", 0.6), ("1:4", 0.7), ("2:4", 0.25)])
+def test_explicit_sparsity_that_contradicts_the_pattern_is_refused(pattern, sparsity):
+    """An N:M pattern prunes exactly 1 - N/M; a different sparsity set beside it would be recorded but not
+    run (the old behaviour: 2:4 with 0.9 pruned 50% and the manifest said 90%)."""
+    with pytest.raises(ValueError) as info:
+        StatPruneConfig(pattern=pattern, sparsity=sparsity)
+    msg = str(info.value)
+    n, m = (int(v) for v in pattern.split(":"))
+    assert f"StatPruneConfig.sparsity={sparsity!r}" in msg and pattern in msg
+    assert f"{1 - n / m:g}" in msg and "leave sparsity at its default" in msg
+
+
+def test_a_resolved_config_reloads():
+    """What the manifest records (resolved) is itself a valid config, e.g. for the model card's command."""
+    for kwargs in ({"pattern": "1:4"}, {"pattern": "2:4"}, {"sparsity": 0.3}):
+        resolved = StatPruneConfig(**kwargs).resolved()
+        assert StatPruneConfig.from_dict(resolved).effective_sparsity == resolved["sparsity"]
+
+
+def test_owl_lambda_is_bounded_by_the_resolved_sparsity():
+    assert StatPruneConfig(method="wanda", owl=True, owl_lambda=0.45).effective_sparsity == 0.5
+    with pytest.raises(ValueError, match="owl_lambda"):
+        StatPruneConfig(method="wanda", owl=True, sparsity=0.2, owl_lambda=0.25)
+
+
+# ---------------------------------------------------------------------------------- methods and registry
+def test_method_list_and_presets_come_from_the_registry():
+    from optimum_statprune import config as config_module
+    from optimum_statprune.methods import get_method, method_names
+
+    assert config_module.METHODS == method_names() == ("magnitude", "wanda", "ria", "cvr", "statprune", "sparsegpt")
+    assert config_module.PRESET_DEFAULTS["statprune"] == dict(get_method("statprune").preset)
+    assert config_module.PRESET_DEFAULTS["cvr"] == {}
+    with pytest.raises(ValueError, match="choose one of magnitude, wanda, ria, cvr, statprune, sparsegpt"):
+        StatPruneConfig(method="obs")
+
+
+@pytest.mark.parametrize(
+    "kwargs, expected",
+    [
+        ({"method": "magnitude"}, set()),
+        ({"method": "magnitude", "compensation": "ec"}, set()),
+        # the safety check judges on a token subsample, which comes with the channel statistics
+        ({"method": "magnitude", "compensation": "ec", "safety_check": True}, {"channel"}),
+        ({"method": "magnitude", "compensation": "bias"}, {"channel"}),
+        ({"method": "wanda"}, {"channel"}),
+        ({"method": "statprune"}, {"channel"}),
+        ({"method": "sparsegpt"}, {"hessian"}),
+    ],
+)
+def test_statistics_are_the_methods_and_the_compensations(kwargs, expected):
+    cfg = StatPruneConfig(**kwargs)
+    assert cfg.statistics == expected
+    assert cfg.needs_activations is bool(expected)
+
+
+def test_method_fields_are_checked_whichever_method_runs():
+    """A bad value of one method's field is refused even when another method is chosen (compare runs
+    one config under several methods), by that method's own check."""
+    with pytest.raises(ValueError, match="sparsegpt_damp"):
+        StatPruneConfig(method="wanda", sparsegpt_damp=2.0)
+    with pytest.raises(ValueError, match="alpha"):
+        StatPruneConfig(method="sparsegpt", alpha=-1.0)
+
+
+def test_sparsegpt_rules_hold_only_when_sparsegpt_runs():
+    with pytest.raises(ValueError, match="sparsegpt updates the surviving weights itself"):
+        StatPruneConfig(method="sparsegpt", compensation="ec")
+    assert StatPruneConfig(method="wanda", compensation="ec").compensation == "ec"
+    # an N:M group must not straddle two column blocks: refused before any calibration, not mid-run
+    with pytest.raises(ValueError, match="sparsegpt_blocksize=6 is not valid: with pattern 2:4 use a multiple of 4"):
+        StatPruneConfig(method="sparsegpt", pattern="2:4", sparsegpt_blocksize=6)
+    assert StatPruneConfig(method="wanda", pattern="2:4", sparsegpt_blocksize=6).sparsegpt_blocksize == 6
+    cfg = StatPruneConfig(method="sparsegpt", sparsegpt_allocation="lookahead", sparsegpt_sweep="solve")
+    assert (cfg.sparsegpt_allocation, cfg.sparsegpt_sweep) == ("lookahead", "solve")
+    assert StatPruneConfig().resolved()["sparsegpt_allocation"] == "even"
+
+
+def test_importing_the_config_does_not_import_torch():
+    """optimum-cli imports the package on every start; the config and the method declarations stay light."""
+    import subprocess
+    import sys
+
+    code = "import sys, optimum_statprune; optimum_statprune.StatPruneConfig(method='sparsegpt'); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

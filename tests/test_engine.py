@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM
 
 from optimum_statprune import StatPruneConfig, StatPruner
 from optimum_statprune.checkpoint.shards import tensor_sha256
-from optimum_statprune.engine.loop import _call_block, capture_block_inputs, iter_batches
+from optimum_statprune.engine.capture import call_block, capture_block_inputs
+from optimum_statprune.engine.loop import iter_batches
 from optimum_statprune.engine.targets import UnsupportedModelError, find_blocks, find_targets
 from optimum_statprune.sharing.manifest import MANIFEST_NAME
 
@@ -46,7 +47,7 @@ def test_captured_inputs_reproduce_the_models_own_forward(arch):
     torch.testing.assert_close(torch.cat(hidden), reference[0])
     with torch.no_grad():
         for i, block in enumerate(blocks):
-            hidden = [_call_block(block, inputs, i, b, h) for b, h in enumerate(hidden)]
+            hidden = [call_block(block, inputs, i, b, h) for b, h in enumerate(hidden)]
             if i < len(blocks) - 1:  # the last entry has the final norm applied
                 torch.testing.assert_close(torch.cat(hidden), reference[i + 1], rtol=1e-5, atol=1e-5)
 
@@ -280,7 +281,8 @@ def test_activation_methods_need_calibration():
 
 
 def test_targets_reading_one_tensor_share_one_accumulator():
-    from optimum_statprune.engine.loop import BlockInputs, Observer, _observe
+    from optimum_statprune.engine.capture import BlockInputs
+    from optimum_statprune.engine.observer import Observer, observe
 
     model = build("llama")
     path, blocks = find_blocks(model)
@@ -289,7 +291,7 @@ def test_targets_reading_one_tensor_share_one_accumulator():
     assert isinstance(inputs, BlockInputs)
     targets = find_targets(blocks[0], f"{path}.0")
     observer = Observer(targets, StatPruneConfig(method="wanda"), torch.device("cpu"), 0)
-    _observe(blocks[0], inputs, 0, inputs.hidden, observer)
+    observe(blocks[0], inputs, 0, inputs.hidden, observer)
     s = {t.name.split(".")[-1]: observer.stats[t.name] for t in targets}
     assert s["q_proj"] is s["k_proj"] is s["v_proj"]
     assert s["gate_proj"] is s["up_proj"]
@@ -299,7 +301,7 @@ def test_targets_reading_one_tensor_share_one_accumulator():
     # the shared statistics are those of the input itself
     x = torch.cat(inputs.hidden)
     normed = blocks[0].input_layernorm(x)
-    torch.testing.assert_close(s["q_proj"].sumsq, normed.double().square().sum((0, 1)), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(s["q_proj"].channel.sumsq, normed.double().square().sum((0, 1)), rtol=1e-10, atol=1e-10)
 
 
 def test_owl_redistributes_sparsity_with_the_uniform_total():

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from optimum_statprune.evaluate import lm_eval_bridge, perplexity, sparsity_report, targeted_linears
+from optimum_statprune.evaluate import lm_eval_bridge, perplexity, sparsity_report, targeted_weights
 
 
 def tiny_llama(tie: bool = False):
@@ -121,7 +121,7 @@ def test_sparsity_report_tied_head_and_conv1d():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     tied = tiny_llama(tie=True)
-    assert "lm_head" not in targeted_linears(tied)
+    assert "lm_head" not in targeted_weights(tied)
 
     torch.manual_seed(0)
     gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50, n_positions=32))
@@ -142,3 +142,38 @@ def test_lm_eval_bridge_missing_package(monkeypatch):
     monkeypatch.setitem(sys.modules, "lm_eval.models.huggingface", None)
     with pytest.raises(ImportError, match="pip install lm-eval"):
         lm_eval_bridge(torch.nn.Linear(2, 2), None, ["hellaswag"])
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+def test_eval_sparsity_equals_the_manifests_on_moe(tmp_path, arch):
+    """eval and the manifest count the same weights: no routers, every fused expert once per expert and
+    projection (the old report counted the routers' linears and missed the fused experts)."""
+    import json
+
+    from tiny_models import build, token_ids
+
+    from optimum_statprune import StatPruneConfig, StatPruner
+    from optimum_statprune.sharing.manifest import MANIFEST_NAME
+
+    model = build(arch)
+    # 0.59 prunes a different share of 64- and 128-wide rows (37/64, 75/128): the total depends on which
+    # weights are counted
+    pruner = StatPruner.from_pretrained(model, config=StatPruneConfig(method="wanda", sparsity=0.59), device="cpu")
+    pruner.prune(token_ids(4, 16), progress=False)
+    pruner.save_pretrained(tmp_path)
+    manifest = json.loads((tmp_path / MANIFEST_NAME).read_text())
+    report = sparsity_report(model)
+    assert set(report["layers"]) == {rec["name"] for rec in manifest["layers"]}
+    assert not any(name.endswith((".gate", ".shared_expert_gate")) for name in report["layers"])
+    assert any(".experts." in name for name in report["layers"])
+    assert report["total"] == manifest["summary"]["weights"]
+    assert report["sparsity"] == pytest.approx(manifest["summary"]["sparsity"], abs=1e-12)
+    # per weight too: the zeros counted are the mask's pruned weights
+    for rec in manifest["layers"]:
+        assert report["layers"][rec["name"]]["sparsity"] == pytest.approx(rec["sparsity"], abs=1e-12)
+
+
+def test_sparsity_report_takes_the_configs_targets():
+    model = tiny_llama()
+    report = sparsity_report(model, targets=["mlp"], ignore=[r"layers\.1\."])
+    assert set(report["layers"]) == {f"model.layers.0.mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")}

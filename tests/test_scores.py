@@ -8,15 +8,15 @@ import pytest
 import torch
 
 from optimum_statprune import StatPruneConfig
+from optimum_statprune.methods import ScoreMethod, get_method
 from optimum_statprune.tensor_math.scores import (
     cvr_score,
-    layer_scores,
     magnitude_score,
     ria_score,
     wanda_score,
     weight_dispersion,
 )
-from optimum_statprune.tensor_math.stats import ChannelStats
+from optimum_statprune.tensor_math.stats import ChannelStats, LayerStatistics
 
 D_OUT, D_IN, N_TOK = 5, 7, 23
 
@@ -38,6 +38,15 @@ def _stats(x: torch.Tensor) -> ChannelStats:
     stats = ChannelStats(x.shape[1])
     stats.update(x)
     return stats
+
+
+def layer_scores(method: str, w: torch.Tensor, stats: ChannelStats, config) -> torch.Tensor:
+    """The registered method's score, fed as the engine feeds it (a LayerStatistics holding ``stats``)."""
+    m = get_method(method)
+    assert isinstance(m, ScoreMethod)
+    layer = LayerStatistics(stats.dim)
+    layer.channel = stats
+    return m.score(w, layer, config)
 
 
 # ----------------------------------------------------------------- naive references (lists, loops)
@@ -263,9 +272,10 @@ def test_cvr_method_defaults_are_the_papers_formula():
            ref_cvr(w.tolist(), x.tolist(), 1.0, 1e-8, "column", "variance", 0.5), rtol=1e-5)
 
 
-def test_layer_scores_unknown_method():
-    with pytest.raises(ValueError, match="sparsegpt"):
-        layer_scores("sparsegpt", _weight(), _stats(_tokens()), StatPruneConfig())
+def test_activation_scores_refuse_missing_statistics():
+    for method in ("wanda", "ria", "cvr", "statprune"):
+        with pytest.raises(ValueError, match=f"{method} needs per-channel activation statistics"):
+            get_method(method).score(_weight(), None, StatPruneConfig(method=method))
 
 
 def test_outlier_channel_is_damped_by_cvr_relative_to_wanda():

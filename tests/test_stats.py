@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from optimum_statprune.tensor_math.stats import ChannelStats, token_keys
+from optimum_statprune.tensor_math.stats import ChannelStats, HessianAccumulator, LayerStatistics, token_keys
 
 FAST = settings(max_examples=60, deadline=None)
 
@@ -329,3 +329,34 @@ def test_token_keys_deterministic_and_seeded():
     chosen = torch.argsort(k0)[:1000]
     hist = torch.bincount(chosen // 1000, minlength=10)
     assert hist.min() > 50
+
+
+# ---------------------------------------------------------------------------------------------- LayerStatistics
+@pytest.mark.parametrize(("channel", "hessian"), [(True, False), (False, True), (True, True)])
+def test_layer_statistics_feed_exactly_the_statistics_asked_for(channel, hessian):
+    """Each statistic kept sees the same real tokens (padding dropped), as if fed on its own."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 4, generator=g, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    layer = LayerStatistics(4, channel=channel, hessian=hessian, sample_size=3, seed=1)
+    layer.update(x[:1], mask[:1])
+    layer.update(x[1:], mask[1:])
+    real = x[mask]  # [8, 4]
+    assert layer.count == 8
+    assert (layer.channel is not None) is channel and (layer.hessian is not None) is hessian
+    if channel:
+        alone = ChannelStats(4, 3, seed=1)
+        alone.update(x, mask)
+        torch.testing.assert_close(layer.channel.sumsq, alone.sumsq)
+        torch.testing.assert_close(layer.channel.sample, alone.sample)
+        sumsq = [sum(float(real[t, j]) ** 2 for t in range(8)) for j in range(4)]
+        torch.testing.assert_close(layer.channel.sumsq, torch.tensor(sumsq, dtype=torch.float64))
+    if hessian:
+        xtx = [[sum(float(real[t, i]) * float(real[t, j]) for t in range(8)) for j in range(4)] for i in range(4)]
+        torch.testing.assert_close(layer.hessian.xtx.double(), torch.tensor(xtx, dtype=torch.float64), rtol=1e-6, atol=1e-6)
+        assert isinstance(layer.hessian, HessianAccumulator)
+
+
+def test_layer_statistics_need_at_least_one_statistic():
+    with pytest.raises(ValueError, match="at least one statistic"):
+        LayerStatistics(4, channel=False, hessian=False)

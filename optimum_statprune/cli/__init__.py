@@ -39,11 +39,14 @@ from ..config import (
     ACTIVATION_STATS,
     COMPENSATIONS,
     CONFIG_NAME,
+    DEFAULT_SPARSITY,
     EC_STEPS,
     GROUPS,
     METHODS,
     PRESET_FIELDS,
     SAFETY_SCOPES,
+    SPARSEGPT_ALLOCATIONS,
+    SPARSEGPT_SWEEPS,
     WEIGHT_STAT_AXES,
     StatPruneConfig,
 )
@@ -80,6 +83,8 @@ FIELD_CHOICES: dict[str, Sequence[str]] = {
     "safety_scope": SAFETY_SCOPES,
     "compensation": COMPENSATIONS,
     "ec_steps": EC_STEPS,
+    "sparsegpt_allocation": SPARSEGPT_ALLOCATIONS,
+    "sparsegpt_sweep": SPARSEGPT_SWEEPS,
 }
 FIELD_HELP: dict[str, str] = {
     "method": "selection method",
@@ -100,6 +105,8 @@ FIELD_HELP: dict[str, str] = {
     "ec_centered": "energy compensation on centered (mean-removed) energy",
     "ec_clamp": "clamp of the energy-compensation factors",
     "add_bias": "let bias compensation add a bias to layers that have none",
+    "sparsegpt_allocation": "SparseGPT (experimental): spread an unstructured budget 'even'ly over column blocks or by 'lookahead'",
+    "sparsegpt_sweep": "SparseGPT (experimental): per-block updates by a column loop ('columns') or one batched solve ('solve', for GPUs)",
     "sample_tokens": "calibration tokens kept per layer for least-squares scales and the safety check",
     "nsamples": "number of calibration windows",
     "seqlen": "tokens per calibration window (lowered to the model's context length with a warning)",
@@ -1179,7 +1186,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     for m in methods:
         for p in patterns:
             try:
-                configs.append(dataclasses.replace(base, method=m, pattern=p))
+                # an N:M pattern fixes the sparsity: the base's applies to the unstructured runs
+                configs.append(dataclasses.replace(base, method=m, pattern=p, sparsity=base.sparsity if p == "unstructured" else DEFAULT_SPARSITY))
             except ValueError as exc:
                 raise UsageError(
                     f"--patterns: {p!r} is not a valid pattern; use 'unstructured' or N:M with 0 < N < M, such as 2:4"

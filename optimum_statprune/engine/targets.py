@@ -9,6 +9,7 @@ never pruned, and nothing outside the blocks (embeddings, final norm, ``lm_head`
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,10 @@ FUSED_EXPERT_PARAMS = ("gate_up_proj", "down_proj")
 
 class UnsupportedModelError(ValueError):
     """The model's decoder blocks or weights could not be located."""
+
+
+class NoTargetsError(ValueError):
+    """The ``targets``/``ignore`` patterns leave no weight to prune in any block."""
 
 
 @dataclass
@@ -78,6 +83,15 @@ def text_config(model: nn.Module):
     """The language model's config (the text part of a multimodal config), or None."""
     config = getattr(model, "config", None)
     return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def hidden_size(model: nn.Module) -> int:
+    """Width of the hidden states between blocks (what capture keeps per token)."""
+    config = text_config(model)
+    for name in ("hidden_size", "n_embd", "d_model"):
+        if getattr(config, name, None):
+            return int(getattr(config, name))
+    return model.get_input_embeddings().weight.shape[1]
 
 
 def find_blocks(model: nn.Module, blocks: str | None = None) -> tuple[str, nn.ModuleList]:
@@ -144,3 +158,29 @@ def find_targets(
     if ignore:
         found = [t for t in found if not any(re.search(p, t.name) for p in ignore)]
     return found
+
+
+def check_targets_found(
+    blocks: Sequence[nn.Module] | None,
+    n_blocks: int,
+    prefix: str,
+    targets: list[str] | None = None,
+    ignore: list[str] | None = None,
+) -> None:
+    """``NoTargetsError`` if ``targets``/``ignore`` select no weight in any of the blocks, naming the
+    patterns and a few weights that exist; checked before anything is pruned.
+
+    Every block is looked at, not only block 0, because a pattern may name one block
+    (``targets=["layers\\.3\\."]``). Reading module names costs nothing; the blocks may be on the meta
+    device. ``blocks`` None (a store that cannot show them) skips the check."""
+    if blocks is None or not (targets or ignore):
+        return
+    for i in range(n_blocks):
+        if find_targets(blocks[i], f"{prefix}.{i}", targets, ignore):
+            return
+    existing = [t.name for t in find_targets(blocks[0], f"{prefix}.0")] if n_blocks else []
+    shown = ", ".join(existing[:6]) + (", ..." if len(existing) > 6 else "")
+    raise NoTargetsError(
+        f"targets={targets!r} with ignore={ignore or []!r} select no weight in the {n_blocks} blocks of {prefix} "
+        f"(patterns are regular expressions searched in full module names); weights that exist: {shown or 'none'}"
+    )

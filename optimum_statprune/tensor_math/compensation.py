@@ -146,7 +146,7 @@ def compensate(
         weight = pruned * lsq_row_scale(w0, pruned, fit)[:, None]
     elif kind == "bias":
         if not (has_bias or add_bias):
-            return Compensated(pruned, None, {"kind": kind, "applied": False, "reason": "layer has no bias"})
+            return Compensated(pruned, None, {"kind": kind, "applied": False, "reason": "layer has no bias (add_bias is off)"})
         weight = pruned
         bias_delta = bias_shift(w0, mask, _need(stats, kind).mean)
     else:

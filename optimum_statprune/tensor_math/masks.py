@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from .patterns import check_nm, check_nm_width, check_sparsity, parse_pattern
+
 
 def prune_count(n: int, sparsity: float) -> int:
     """Weights pruned in a group of ``n`` at ``sparsity``: ``floor(sparsity * n)``, robust to float error."""
@@ -29,6 +31,7 @@ def _prune_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
 def unstructured_mask(scores: torch.Tensor, sparsity: float, group: str = "row") -> torch.Tensor:
     """Keep the highest scores: ``floor(sparsity * d_in)`` pruned per row, or ``floor(sparsity * numel)``
     per layer."""
+    check_sparsity(sparsity, closed=True)
     scores = _finite(scores)
     if group == "row":
         return _prune_lowest(scores, prune_count(scores.shape[-1], sparsity))
@@ -40,24 +43,19 @@ def unstructured_mask(scores: torch.Tensor, sparsity: float, group: str = "row")
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """Keep the ``n`` highest of every ``m`` consecutive inputs of each row."""
-    if not 0 < n < m:
-        raise ValueError(f"N:M needs 0 < N < M, got {n}:{m}")
+    check_nm(n, m)
     d_out, d_in = scores.shape
-    if d_in % m:
-        raise ValueError(
-            f"an {n}:{m} pattern needs the input width to be a multiple of {m}; this layer has {d_in} inputs "
-            f"(exclude it with `ignore` or use an unstructured pattern)"
-        )
+    check_nm_width(d_in, n, m)
     groups = _finite(scores).reshape(d_out, d_in // m, m)
     return _prune_lowest(groups, m - n).reshape(d_out, d_in)
 
 
 def make_mask(scores: torch.Tensor, sparsity: float, pattern: str = "unstructured", group: str = "row") -> torch.Tensor:
-    """Dispatch on ``pattern``: ``"unstructured"`` or ``"N:M"``."""
-    if pattern == "unstructured":
+    """Dispatch on ``pattern``: ``"unstructured"`` or ``"N:M"`` (``sparsity`` is then implied)."""
+    nm = parse_pattern(pattern)
+    if nm is None:
         return unstructured_mask(scores, sparsity, group)
-    n, m = (int(v) for v in pattern.split(":"))
-    return nm_mask(scores, n, m)
+    return nm_mask(scores, *nm)
 
 
 def _finite(scores: torch.Tensor) -> torch.Tensor:

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 import torch
 
 from .masks import prune_count
+from .patterns import check_sparsity
 
 # Sparsities are clamped into [_EDGE, 1 - _EDGE]: OWL never empties or leaves untouched a whole block.
 _EDGE = 1e-3
@@ -52,8 +53,7 @@ Shape = tuple[int, int]  # (d_out, d_in) of one prunable linear
 
 
 def _check_target(target: float) -> None:
-    if not (isinstance(target, numbers.Real) and math.isfinite(target) and _EDGE <= target <= 1 - _EDGE):
-        raise ValueError(f"OWL target sparsity must lie in [{_EDGE}, {1 - _EDGE}], got {target!r}")
+    check_sparsity(target, "OWL target sparsity", _EDGE, 1 - _EDGE, closed=True)
 
 
 def _check_lam(lam: float) -> None:
@@ -252,8 +252,7 @@ def owl_prune_counts(
         )
     units: dict[int, list[tuple[int, int, float, int]]] = {}  # step weight -> [(block, linear, desired, cap)]
     for b, (s, block) in enumerate(zip(sparsities, shapes, strict=True)):
-        if not (math.isfinite(s) and 0 <= s <= 1):
-            raise ValueError(f"block {b}: sparsity must lie in [0, 1], got {s}")
+        check_sparsity(s, f"block {b}: sparsity", closed=True)
         for li, (d_out, d_in) in enumerate(block):
             if d_out <= 0 or d_in <= 0:
                 raise ValueError(f"block {b}, linear {li}: invalid shape ({d_out}, {d_in})")

@@ -71,19 +71,3 @@ def cvr_score(
     disp = (weight_dispersion(weight, axis) + eps).pow(-alpha / 2)
     disp = disp[None, :] if axis == "column" else disp[:, None]
     return w * act * disp
-
-
-def layer_scores(method: str, weight: torch.Tensor, stats: ChannelStats | None, config) -> torch.Tensor:
-    """Scores of ``method`` ("magnitude", "wanda", "ria", "cvr", "statprune") with ``config``'s parameters."""
-    if method == "magnitude" or stats is None:
-        return magnitude_score(weight)
-    if method == "wanda":
-        return wanda_score(weight, stats)
-    if method == "ria":
-        return ria_score(weight, stats, config.ria_power)
-    if method in ("cvr", "statprune"):
-        return cvr_score(
-            weight, stats, config.resolve("alpha"), config.eps, config.resolve("weight_stat_axis"),
-            config.resolve("activation_stat"), config.resolve("activation_power"),
-        )
-    raise ValueError(f"unknown scoring method {method!r}")

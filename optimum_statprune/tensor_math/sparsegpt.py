@@ -1,10 +1,11 @@
 """SparseGPT (Frantar & Alistarh, 2023): OBS weight updates that compensate for pruned weights.
 
-Two pieces of pure tensor math, apart from any model plumbing:
+Pure tensor math, apart from any model plumbing:
 
-- ``HessianAccumulator`` sums ``X^T X`` over a linear's input tokens (padding excluded). Raw sums merge
-  by addition, so several devices can all-reduce them, and the result does not depend on how the tokens
-  were split into batches (up to float rounding).
+- ``HessianAccumulator`` (defined in ``stats.py`` with the other input statistics, re-exported here) sums
+  ``X^T X`` over a linear's input tokens (padding excluded). Raw sums merge by addition, so several
+  devices can all-reduce them, and the result does not depend on how the tokens were split into batches
+  (up to float rounding).
 - ``sparsegpt_prune`` prunes one weight matrix column block by column block, as in the reference
   implementation (IST-DASLab/sparsegpt): dead inputs, relative dampening, the upper Cholesky factor of
   ``H^-1``, blocks of 128 columns, saliency ``w^2 / [H^-1]_jj``, lazy batched updates of later blocks.
@@ -50,68 +51,13 @@ from dataclasses import dataclass
 import torch
 
 from .masks import prune_count
-from .stats import token_rows
+from .patterns import check_nm_width, check_sparsity, parse_pattern
+from .stats import HessianAccumulator  # re-exported: SparseGPT's statistic, defined with the others
 
-# Elements converted to the accumulation dtype at once; bounds the transient memory of an update.
-_CHUNK_ELEMENTS = 1 << 24
+__all__ = ["HessianAccumulator", "SparseGPTResult", "sparsegpt_prune"]
+
 # Relative dampening tried after a failure with ``percdamp == 0`` (tenfold of zero is still zero).
 _FIRST_NONZERO_DAMP = 1e-4
-
-
-class HessianAccumulator:
-    """Accumulates ``sum_t x_t x_t^T`` and the token count of a linear layer's input rows.
-
-    The raw sum (not a running mean, unlike the reference) is what makes accumulators mergeable by
-    addition. ``dtype`` is float32 by default, as in the reference; float64 costs twice the memory of a
-    ``d_in x d_in`` matrix but makes batch-split differences negligible.
-    """
-
-    def __init__(
-        self, dim: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
-    ):
-        if dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"accumulate the Hessian in float32 or float64, not {dtype}")
-        self.dim = dim
-        self.count = 0
-        self.xtx = torch.zeros(dim, dim, dtype=dtype, device=device)
-
-    @torch.no_grad()
-    def update(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
-        """Add tokens ``x`` of shape ``[..., dim]``; ``mask`` (shape ``x.shape[:-1]``, True = real token)
-        drops padding, exactly as ``ChannelStats.update``."""
-        rows = token_rows(x, self.dim, mask)
-        n = rows.shape[0]
-        if n == 0:
-            return
-        if self.xtx.device != rows.device:
-            self.to(rows.device)
-        step = max(1, _CHUNK_ELEMENTS // self.dim)
-        for start in range(0, n, step):
-            chunk = rows[start : start + step].to(self.xtx.dtype)
-            self.xtx.addmm_(chunk.T, chunk)
-        self.count += n
-
-    def merge(self, other: HessianAccumulator) -> HessianAccumulator:
-        """Add another accumulator's tokens (e.g. from another device)."""
-        if other.dim != self.dim:
-            raise ValueError(f"cannot merge a Hessian of {other.dim} channels into {self.dim}")
-        self.xtx += other.xtx.to(self.xtx.device, self.xtx.dtype)
-        self.count += other.count
-        return self
-
-    def to(self, device: torch.device | str) -> HessianAccumulator:
-        self.xtx = self.xtx.to(device)
-        return self
-
-    def hessian(self) -> torch.Tensor:
-        """``H = 2/n * X^T X``, the Hessian of the mean squared output error ``1/n ||W X - W' X||^2``.
-
-        This is the reference's scaling. Only the relative scale matters to ``sparsegpt_prune``: its
-        dampening is relative to ``mean(diag(H))`` and the OBS updates are invariant to scaling ``H``;
-        only the reported ``error`` scales with it."""
-        if self.count == 0:
-            raise ValueError("no calibration tokens reached this layer")
-        return self.xtx * (2.0 / self.count)
 
 
 @dataclass
@@ -132,18 +78,6 @@ class SparseGPTResult:
     """The OBS loss, summed over the pruning steps: ``sum of w_q^2 / (2 [H_F^-1]_qq)``. It equals
     ``1/2 * sum over rows of dw (H + damp I) dw^T`` for the total change ``dw`` of each row, i.e. with
     ``H = 2/n X^T X`` the output error ``1/n ||(W - W') X||^2`` plus ``damp/2 * ||W - W'||^2``."""
-
-
-def _parse_pattern(pattern: str) -> tuple[int, int] | None:
-    if pattern == "unstructured":
-        return None
-    try:
-        n, m = (int(v) for v in pattern.split(":"))
-    except ValueError:
-        raise ValueError(f"pattern must be 'unstructured' or 'N:M' (e.g. '2:4'), got {pattern!r}") from None
-    if not 0 < n < m:
-        raise ValueError(f"N:M needs 0 < N < M, got {n}:{m}")
-    return n, m
 
 
 def _rank(scores: torch.Tensor) -> torch.Tensor:
@@ -326,9 +260,9 @@ def sparsegpt_prune(
         raise ValueError(
             f"H must be [{d_in}, {d_in}] for a weight of shape {tuple(weight.shape)}, got {tuple(H.shape)}"
         )
-    nm = _parse_pattern(pattern)
-    if nm is None and not 0.0 <= sparsity <= 1.0:
-        raise ValueError(f"sparsity must lie in [0, 1], got {sparsity}")
+    nm = parse_pattern(pattern)
+    if nm is None:
+        check_sparsity(sparsity, closed=True)
     if group not in ("row", "layer"):
         raise ValueError(f"group must be 'row' or 'layer', got {group!r}")
     if allocation not in ("lookahead", "even"):
@@ -342,10 +276,7 @@ def sparsegpt_prune(
     if max_retries < 0:
         raise ValueError(f"max_retries must be >= 0, got {max_retries}")
     if nm is not None:
-        if d_in % nm[1]:
-            raise ValueError(
-                f"an {pattern} pattern needs the input width to be a multiple of {nm[1]}; this layer has {d_in} inputs"
-            )
+        check_nm_width(d_in, *nm)
         if blocksize % nm[1]:
             raise ValueError(
                 f"blocksize {blocksize} must be a multiple of M={nm[1]} so that no N:M group straddles blocks"

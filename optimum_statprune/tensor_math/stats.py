@@ -1,4 +1,6 @@
-"""Per-input-channel activation statistics: count, sum and sum of squares, plus a token subsample.
+"""Statistics of a linear layer's input: per-channel count, sum and sum of squares plus a token
+subsample (``ChannelStats``), the Gram matrix ``X^T X`` (``HessianAccumulator``), and the per-layer
+container of whichever of the two a run needs (``LayerStatistics``).
 
 Sums are kept in float64 so that half-precision activations of ~1e4 ("massive activations") neither
 overflow nor lose their variance to cancellation in ``m2 - mean^2``. Two accumulators merge by
@@ -154,3 +156,92 @@ class ChannelStats:
             return None
         order = torch.argsort(self.sample_keys)
         return self.sample_rows[order]
+
+
+class HessianAccumulator:
+    """Accumulates ``sum_t x_t x_t^T`` and the token count of a linear layer's input rows.
+
+    The raw sum (not a running mean, unlike the reference) is what makes accumulators mergeable by
+    addition. ``dtype`` is float32 by default, as in the reference; float64 costs twice the memory of a
+    ``d_in x d_in`` matrix but makes batch-split differences negligible.
+    """
+
+    def __init__(
+        self, dim: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
+    ):
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"accumulate the Hessian in float32 or float64, not {dtype}")
+        self.dim = dim
+        self.count = 0
+        self.xtx = torch.zeros(dim, dim, dtype=dtype, device=device)
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """Add tokens ``x`` of shape ``[..., dim]``; ``mask`` (shape ``x.shape[:-1]``, True = real token)
+        drops padding, exactly as ``ChannelStats.update``."""
+        rows = token_rows(x, self.dim, mask)
+        n = rows.shape[0]
+        if n == 0:
+            return
+        if self.xtx.device != rows.device:
+            self.to(rows.device)
+        step = max(1, _CHUNK_ELEMENTS // self.dim)
+        for start in range(0, n, step):
+            chunk = rows[start : start + step].to(self.xtx.dtype)
+            self.xtx.addmm_(chunk.T, chunk)
+        self.count += n
+
+    def merge(self, other: HessianAccumulator) -> HessianAccumulator:
+        """Add another accumulator's tokens (e.g. from another device)."""
+        if other.dim != self.dim:
+            raise ValueError(f"cannot merge a Hessian of {other.dim} channels into {self.dim}")
+        self.xtx += other.xtx.to(self.xtx.device, self.xtx.dtype)
+        self.count += other.count
+        return self
+
+    def to(self, device: torch.device | str) -> HessianAccumulator:
+        self.xtx = self.xtx.to(device)
+        return self
+
+    def hessian(self) -> torch.Tensor:
+        """``H = 2/n * X^T X``, the Hessian of the mean squared output error ``1/n ||W X - W' X||^2``.
+
+        This is the reference's scaling. Only the relative scale matters to ``sparsegpt_prune``: its
+        dampening is relative to ``mean(diag(H))`` and the OBS updates are invariant to scaling ``H``;
+        only the reported ``error`` scales with it."""
+        if self.count == 0:
+            raise ValueError("no calibration tokens reached this layer")
+        return self.xtx * (2.0 / self.count)
+
+
+class LayerStatistics:
+    """The statistics one layer's input is observed for: ``channel`` (``ChannelStats``) and/or ``hessian``
+    (``HessianAccumulator``), None where the run does not need it. Both see the same tokens, so a method
+    and a later step (compensation, a weight update) each read the statistic they need from one pass."""
+
+    def __init__(
+        self,
+        dim: int,
+        channel: bool = True,
+        hessian: bool = False,
+        sample_size: int = 0,
+        seed: int = 0,
+        device: torch.device | str | None = None,
+    ):
+        if not (channel or hessian):
+            raise ValueError("LayerStatistics needs at least one statistic (channel or hessian)")
+        self.dim = dim
+        self.channel = ChannelStats(dim, sample_size, seed=seed, device=device) if channel else None
+        self.hessian = HessianAccumulator(dim, device=device) if hessian else None
+
+    def update(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """Add tokens ``x`` (``[..., dim]``, ``mask`` True = real token) to every statistic kept."""
+        if self.channel is not None:
+            self.channel.update(x, mask)
+        if self.hessian is not None:
+            self.hessian.update(x, mask)
+
+    @property
+    def count(self) -> int:
+        """Tokens seen (the same for every statistic kept)."""
+        return self.channel.count if self.channel is not None else self.hessian.count  # type: ignore[union-attr]

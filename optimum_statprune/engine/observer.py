@@ -1,0 +1,180 @@
+"""Observation: forward hooks that feed each target's input statistics while a block runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ..config import StatPruneConfig
+from ..methods import CHANNEL, HESSIAN
+from ..tensor_math.stats import LayerStatistics
+from .capture import Stop, call_block
+from .targets import Target
+
+
+class Observer:
+    """Forward hooks that feed each target's ``LayerStatistics`` with the target's inputs.
+
+    ``statistics`` (default: ``config.statistics``, what the method and the steps after its mask read)
+    says which accumulators each target gets. Targets that read the very same input tensor (q/k/v,
+    gate/up) share one, found on the first micro-batch, so their statistics are computed once. A token
+    subsample is kept when a compensation will judge or fit on it."""
+
+    def __init__(
+        self,
+        targets: list[Target],
+        config: StatPruneConfig,
+        device: torch.device,
+        block_index: int,
+        statistics: frozenset[str] | None = None,
+    ):
+        self.targets = targets
+        self.stats: dict[str, LayerStatistics] = {}
+        self.token_mask: torch.Tensor | None = None
+        self.device = device
+        statistics = config.statistics if statistics is None else statistics
+        self.channel, self.hessian = CHANNEL in statistics, HESSIAN in statistics
+        self.sample = config.sample_tokens if self.channel and config.resolved_compensation() != "none" else 0
+        # Distinct seeds per block so different layers do not keep the same token positions.
+        self.seed = config.seed + 7919 * block_index
+        self._followers: set[str] = set()
+        self._batch_inputs: dict[int, tuple[weakref.ref, str]] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._stop_after: set[int] | None = None
+        self._seen: set[int] = set()
+
+    def _accumulator(self, name: str, dim: int) -> LayerStatistics:
+        acc = self.stats.get(name)
+        if acc is None:
+            acc = LayerStatistics(dim, self.channel, self.hessian, self.sample, self.seed, self.device)
+            self.stats[name] = acc
+        return acc
+
+    def begin_batch(self, token_mask: torch.Tensor | None) -> None:
+        """Set the padding mask of the micro-batch about to run; early stopping starts afresh."""
+        self.token_mask = token_mask
+        self._seen = set()
+        self._batch_inputs = {}
+
+    def _masked(self, x: torch.Tensor) -> torch.Tensor | None:
+        m = self.token_mask
+        if m is None:
+            return None
+        if x.shape[:-1] == m.shape:
+            return m
+        if x.dim() == 2 and x.shape[0] == m.numel():
+            return m.reshape(-1)
+        return None
+
+    def attach(self, targets: list[Target] | None = None, stop_when_done: bool = False) -> None:
+        """Hook ``targets`` (default all); with ``stop_when_done``, end the forward once each has fired."""
+        targets = self.targets if targets is None else targets
+        modules: dict[int, tuple[nn.Module, list[Target]]] = {}
+        for t in targets:
+            modules.setdefault(id(t.module), (t.module, []))[1].append(t)
+        self._stop_after = set(modules) if stop_when_done else None
+        for key, (module, ts) in modules.items():
+            hook = self._expert_hook(key, ts) if ts[0].kind == "expert" else self._linear_hook(key, ts[0])
+            self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _done(self, key: int) -> None:
+        if self._stop_after is not None:
+            self._seen.add(key)
+            if self._seen >= self._stop_after:
+                raise Stop
+
+    def _linear_hook(self, key: int, target: Target) -> Callable:
+        name = target.name
+
+        def hook(module, args, kwargs):
+            x = args[0] if args else kwargs["input"]
+            if name not in self._followers:
+                seen = self._batch_inputs.get(id(x))
+                if name not in self.stats and seen is not None and seen[0]() is x:
+                    self.stats[name] = self.stats[seen[1]]  # same tensor as an earlier target: share
+                    self._followers.add(name)
+                else:
+                    self._accumulator(name, target.in_features).update(x.detach(), self._masked(x))
+                    self._batch_inputs[id(x)] = (weakref.ref(x), name)
+            self._done(key)
+
+        return hook
+
+    def _expert_hook(self, key: int, targets: list[Target]) -> Callable:
+        by_expert: dict[int, dict[str, Target]] = {}
+        for t in targets:
+            by_expert.setdefault(t.expert, {})[t.param] = t
+
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            top_k_index = args[1] if len(args) > 1 else kwargs["top_k_index"]
+            hidden = hidden.reshape(-1, hidden.shape[-1]).detach()
+            mask = self._masked(hidden)
+            for e, ts in by_expert.items():
+                routed = (top_k_index == e).any(dim=-1)
+                if mask is not None:
+                    routed = routed & mask
+                x = hidden[routed]
+                if x.shape[0] == 0:
+                    continue
+                if "gate_up_proj" in ts:
+                    self._accumulator(ts["gate_up_proj"].name, x.shape[-1]).update(x)
+                if "down_proj" in ts:
+                    gate_up = Target("", module, "expert", "gate_up_proj", e).weight()
+                    h = module._apply_gate(nn.functional.linear(x, gate_up))
+                    self._accumulator(ts["down_proj"].name, h.shape[-1]).update(h)
+            self._done(key)
+
+        return hook
+
+
+def observe(block, inputs, i, hidden, observer: Observer, targets=None, stop=False) -> None:
+    """Run block ``i`` on every micro-batch with ``observer`` hooked on ``targets`` (default: all of its
+    targets); with ``stop``, each pass ends once those targets have seen their input."""
+    observer.attach(targets, stop_when_done=stop)
+    try:
+        for b, h in enumerate(hidden):
+            observer.begin_batch(inputs.token_masks[b])
+            with contextlib.suppress(Stop):
+                call_block(block, inputs, i, b, h)
+    finally:
+        observer.detach()
+
+
+def input_groups(block, inputs, i, hidden, targets: list[Target]) -> list[list[Target]]:
+    """Targets grouped by the tensor they read (q/k/v share one input), in the order the block runs them."""
+    order: list[tuple[int, Target]] = []
+    handles = []
+    by_module: dict[int, list[Target]] = {}
+    for t in targets:
+        by_module.setdefault(id(t.module), []).append(t)
+    for ts in by_module.values():
+
+        def hook(module, args, kwargs, ts=ts):
+            x = args[0] if args else next(iter(kwargs.values()))
+            key = (x.data_ptr(), tuple(x.shape))
+            for t in ts:
+                order.append((hash(key), t))
+
+        handles.append(ts[0].module.register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        call_block(block, inputs, i, 0, hidden[0])
+    finally:
+        for h in handles:
+            h.remove()
+    groups: dict[int, list[Target]] = {}
+    for key, t in order:
+        if t not in groups.setdefault(key, []):
+            groups[key].append(t)
+    # Fused experts read the same tensor as their siblings only by accident; keep each module whole.
+    return list(groups.values())

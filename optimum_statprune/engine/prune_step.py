@@ -1,0 +1,179 @@
+"""The prune step of one weight, whatever the method: check it is finite -> the method selects (and may
+update) -> the steps after the mask -> check again -> write back; and the block-level safety check that
+may undo a block's compensations.
+
+The steps after the mask are ``after_mask``: today the compensation. A method-independent weight update
+(a reconstruction from ``X^T X``, ``tensor_math/weight_update.py``) joins there, and the statistics it
+reads join ``StatPruneConfig.statistics``; nothing else has to change.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import StatPruneConfig
+from ..methods import FALLBACK_METHOD, LayerPruned, get_method
+from ..tensor_math.compensation import compensate
+from ..tensor_math.stats import LayerStatistics
+from .capture import call_block
+from .targets import Target
+
+logger = logging.getLogger(__name__)
+
+NO_TOKENS = "no calibration tokens reached this weight"
+
+
+class NonFiniteError(ValueError):
+    """A weight or a block's output holds NaN or Inf. Pruning goes on from each block's outputs, so one
+    such value would silently corrupt every later block: the run stops instead, naming the tensor."""
+
+
+def check_finite(tensor: torch.Tensor, what: str) -> None:
+    """Raise ``NonFiniteError`` naming ``what`` unless every entry of ``tensor`` is finite."""
+    if not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise NonFiniteError(
+            f"{what} holds {bad} non-finite value(s) (NaN or Inf); every later block would inherit them. "
+            "Check the checkpoint (and the dtype it is loaded in: float16 overflows above 65504)."
+        )
+
+
+@torch.no_grad()
+def prune_target(
+    target: Target,
+    stats: LayerStatistics | None,
+    config: StatPruneConfig,
+    sparsity: float | None = None,
+    uncompensated: list[Uncompensated] | None = None,
+) -> dict[str, Any]:
+    """Prune one weight in place with the config's method and the steps after its mask; return its manifest
+    record. ``sparsity`` overrides the config's (OWL). Where a compensation was applied and
+    ``uncompensated`` is a list, the plain pruned weight and the original bias are appended to it, so a
+    block-level check can undo the compensation."""
+    w0 = target.weight().detach().to(torch.float32)
+    check_finite(w0, f"{target.name}: the weight before pruning")
+    sparsity = config.effective_sparsity if sparsity is None else sparsity
+    method = get_method(config.method)
+    record: dict[str, Any] = {"name": target.name, "shape": list(w0.shape), "method": method.name}
+    record["transposed"] = target.transposed
+    if target.expert is not None:
+        record["expert"] = target.expert
+    if config.statistics and (stats is None or stats.count == 0):
+        # An expert no calibration token was routed to: nothing to calibrate with.
+        method, stats = get_method(FALLBACK_METHOD), None
+        record["fallback"] = f"{FALLBACK_METHOD}: {NO_TOKENS}"
+    record["tokens"] = stats.count if stats is not None else 0
+    pruned = method.prune_layer(w0, stats, config, sparsity, target.name)
+    record.update(pruned.record)
+    weight, bias_delta = after_mask(target, w0, pruned, stats, config, record, uncompensated)
+    check_finite(weight, f"{target.name}: the weight after pruning ({method.name})")
+    target.set_weight(weight)
+    if bias_delta is not None:
+        _shift_bias(target, bias_delta)
+    record["pattern"] = config.pattern
+    record["sparsity"] = 1.0 - float(pruned.mask.sum()) / pruned.mask.numel()
+    # What was checked for NaN/Inf: the weight before and after pruning; the loop adds "block_output".
+    record["finite_checked"] = ["weight"]
+    return record
+
+
+def after_mask(
+    target: Target,
+    w0: torch.Tensor,
+    pruned: LayerPruned,
+    stats: LayerStatistics | None,
+    config: StatPruneConfig,
+    record: dict[str, Any],
+    uncompensated: list[Uncompensated] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The steps after the mask, whatever method chose it: the compensation (with this layer's safety
+    check). Returns the final weight and a bias shift (or None); writes ``record["compensation"]``.
+
+    Whether a compensation runs is decided here and in ``compensate`` only, and the record says why
+    where it does not (no tokens reached the weight; a bias compensation on a layer without a bias)."""
+    kind = config.resolved_compensation()
+    if kind == "none":
+        record["compensation"] = {"kind": "none", "applied": False}
+        return pruned.weight, None
+    if stats is None and config.statistics:
+        record["compensation"] = {"kind": kind, "applied": False, "reason": NO_TOKENS}
+        return pruned.weight, None
+    layer_check = config.resolve("safety_check") and config.resolve("safety_scope") == "layer"
+    result = compensate(
+        w0, pruned.mask, kind, stats.channel if stats is not None else None,
+        has_bias=target.bias is not None, add_bias=config.add_bias, ec_steps=config.ec_steps,
+        ec_centered=config.ec_centered, ec_clamp=config.ec_clamp, shrink=config.resolve("compensation_shrink"),
+        safety_check=layer_check,
+    )
+    if uncompensated is not None and result.record.get("applied"):
+        bias = target.bias.detach().clone() if target.bias is not None else None
+        uncompensated.append(Uncompensated(target, pruned.weight, bias, result.record))
+    record["compensation"] = result.record
+    return result.weight, result.bias_delta
+
+
+def _shift_bias(target: Target, delta: torch.Tensor) -> None:
+    module = target.module
+    if module.bias is None:
+        weight = target.weight()
+        module.bias = nn.Parameter(torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device))
+    module.bias.add_(delta.to(module.bias.dtype))
+
+
+@dataclass
+class Uncompensated:
+    """A target's weight and bias as they were before compensation, and its compensation record."""
+
+    target: Target
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    record: dict[str, Any]
+
+    def swap(self) -> None:
+        """Exchange the target's current weight and bias with the ones kept here."""
+        current_w = self.target.weight().detach().clone()
+        current_b = self.target.bias.detach().clone() if self.target.bias is not None else None
+        self.target.set_weight(self.weight)
+        if self.bias is None:
+            if self.target.bias is not None:  # the compensation added a bias the layer did not have
+                self.target.module.bias = None
+        else:
+            module = self.target.module
+            if module.bias is None:
+                module.bias = nn.Parameter(self.bias.clone())
+            else:
+                module.bias.data.copy_(self.bias)
+        self.weight, self.bias = current_w, current_b
+
+
+def block_error(block, inputs, i, hidden, reference, batches) -> float:
+    """Squared error of the block's output against ``reference`` over the first ``batches`` batches."""
+    total = 0.0
+    for b in range(batches):
+        diff = (call_block(block, inputs, i, b, hidden[b]).float() - reference[b]).square().sum(-1)
+        mask = inputs.token_masks[b]
+        if mask is not None:
+            diff = diff * mask.to(diff.device, diff.dtype)
+        total += float(diff.sum())
+    return total
+
+
+def block_safety_check(block, inputs, i, hidden, reference, batches, undo: list[Uncompensated]) -> None:
+    """Keep the block's compensations only if together they lower the block output's error against the
+    dense block; record the decision and both errors in every compensated target's record."""
+    err_comp = block_error(block, inputs, i, hidden, reference, batches)
+    for u in undo:
+        u.swap()
+    err_none = block_error(block, inputs, i, hidden, reference, batches)
+    keep = err_comp < err_none
+    if keep:
+        for u in undo:
+            u.swap()
+    for u in undo:
+        u.record["block_check"] = {"error_none": err_none, "error_compensated": err_comp}
+        u.record["applied"] = keep

@@ -1,0 +1,25 @@
+"""Wanda (Sun et al., 2023): ``|W_ij| * ||X_j||_2``, compared per output row by default."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from . import register
+from .base import CHANNEL, ScoreMethod, channel_stats
+
+if TYPE_CHECKING:
+    import torch
+
+
+class Wanda(ScoreMethod):
+    name = "wanda"
+    needs = frozenset({CHANNEL})
+    description = "|W| * ||X_j||_2"
+
+    def score(self, weight, stats, config) -> torch.Tensor:
+        from ..tensor_math.scores import wanda_score
+
+        return wanda_score(weight, channel_stats(stats, self.name))
+
+
+register(Wanda())
