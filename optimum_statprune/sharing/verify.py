@@ -38,7 +38,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +53,7 @@ from ..checkpoint.shards import (
     sha256_in_place,
     tensor_sha256,
 )
+from ..tensor_math.patterns import PatternError, parse_pattern
 from . import transport
 from .manifest import MANIFEST_NAME
 
@@ -361,9 +361,13 @@ def _check_sparsity(rec: dict[str, Any], weight: torch.Tensor, pattern: str, fai
                          f"at least {expected - zeros} pruned weight(s) are nonzero again")
     elif zeros > expected:
         report.notes.append(f"{rec['name']}: {zeros - expected} more zero(s) than the manifest records")
-    match = re.fullmatch(r"(\d+):(\d+)", pattern)
-    if match:
-        n, m = int(match.group(1)), int(match.group(2))
+    try:
+        nm = parse_pattern(pattern)
+    except PatternError as e:
+        fail("n:m", f"the manifest's pattern cannot be read: {e}")
+        return
+    if nm is not None:
+        n, m = nm
         if weight.shape[1] % m:
             fail("n:m", f"{pattern} needs the input width ({weight.shape[1]}) to be a multiple of {m}")
         else:

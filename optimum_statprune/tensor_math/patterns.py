@@ -60,7 +60,7 @@ def check_nm_width(d_in: int, n: int, m: int) -> None:
     """An N:M pattern groups ``m`` consecutive inputs, so the input width must be a multiple of ``m``."""
     if d_in % m:
         raise PatternError(
-            f"an {n}:{m} pattern needs the input width to be a multiple of {m}; this layer has {d_in} inputs "
+            f"the {n}:{m} pattern needs the input width to be a multiple of {m}; this layer has {d_in} inputs "
             f"(exclude it with `ignore` or use an unstructured pattern)"
         )
 
