@@ -27,7 +27,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .atomic import dir_mode, fsync_path
+from .atomic import dir_mode, file_mode, fsync_path
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +111,12 @@ def recover(output: Path) -> None:
 def publish(new: Path, output: Path) -> None:
     """Move the finished directory ``new`` to ``output`` (a sibling), replacing what is there so that
     ``output`` holds the complete old or the complete new model after any failure or kill."""
-    os.chmod(new, dir_mode())  # mkdtemp made it 0o700; a published model follows the umask
+    # every file in ``new`` is ours: give it the mode the umask gives a new file (mkstemp, mkdtemp and
+    # safetensors' own temp files make 0o600 / 0o700)
+    for f in new.rglob("*"):
+        if not f.is_symlink():
+            os.chmod(f, dir_mode() if f.is_dir() else file_mode())
+    os.chmod(new, dir_mode())
     fsync_path(new, directory=True)
     if not output.exists():
         os.replace(new, output)
@@ -122,7 +127,11 @@ def publish(new: Path, output: Path) -> None:
         shutil.rmtree(aside)
     if _exchange(new, output):  # output is the new model now; ``new`` names the old one
         fsync_path(output.parent, directory=True)
-        os.replace(new, aside)
+        try:
+            os.replace(new, aside)
+        except OSError as e:  # the new model is in place; the old one, left in ``new``, is removed by the next run
+            logger.warning("the pruned model is in %s, but moving the replaced one out of %s failed: %s", output, new, e)
+            return
     else:
         os.replace(output, aside)
         try:
@@ -130,7 +139,7 @@ def publish(new: Path, output: Path) -> None:
         except BaseException:
             os.replace(aside, output)  # put the old one back
             raise
-    fsync_path(output.parent, directory=True)
+        fsync_path(output.parent, directory=True)
     try:
         shutil.rmtree(aside)
     except OSError as e:  # the new model is in place; the next run of this output retries
