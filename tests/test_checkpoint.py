@@ -209,13 +209,15 @@ def test_a_changed_finished_shard_is_pruned_again(tmp_path, caplog):
     read anyway, for the next block's inputs); a flipped byte makes that block be pruned again."""
     src, out = _four_blocks(tmp_path / "src"), tmp_path / "out"
     state = _crash(src, out)
-    first = min(state["blocks"], key=int)
-    shard = out.with_name(".out.partial") / state["blocks"][first]["shard"]
+    first, second = sorted(state["blocks"], key=int)
+    partial = out.with_name(".out.partial")
+    shard = partial / state["blocks"][first]["shard"]
     raw = bytearray(shard.read_bytes())
     raw[-3] ^= 0x40  # a byte of the last tensor's data
     shard.write_bytes(bytes(raw))
+    (partial / state["blocks"][second]["shard"]).write_bytes(raw[:100])  # truncated: its header no longer fits
     _prune(src, out)
-    assert f"block {first}'s shard" in caplog.text
+    assert f"block {first}'s shard" in caplog.text and f"block {second}'s shard" in caplog.text
     _prune(src, tmp_path / "ref")
     assert _same(out, tmp_path / "ref")
     assert read_manifest(out)["tensors"] == read_manifest(tmp_path / "ref")["tensors"]

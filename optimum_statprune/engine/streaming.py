@@ -37,7 +37,14 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from ..checkpoint.atomic import atomic_write_text, fsync_path
 from ..checkpoint.directories import check_output, partial_dir, publish
 from ..checkpoint.resume import ResumeMismatchError, combined_digest, open_state, tensor_digests
-from ..checkpoint.shards import INDEX_NAME, CheckpointReader, aligned_nbytes, read_to_host, shard_name
+from ..checkpoint.shards import (
+    INDEX_NAME,
+    CheckpointError,
+    CheckpointReader,
+    aligned_nbytes,
+    read_to_host,
+    shard_name,
+)
 from ..checkpoint.writer import STATE_NAME, HostBufferPool, ShardWriter, writer_threads_for
 from ..config import StatPruneConfig
 from ..sharing.manifest import build_manifest, pruning_config_block, write_manifest
@@ -211,11 +218,14 @@ class StreamingBlockStore:
         bytes; for a block an earlier run finished, its output shard is checked against the digests
         recorded then, and if it changed the block is read from the source to be pruned again ("stale")."""
         if index in self.done and not original:
-            tensors = self._read_files(self._files(index, original), device, prefetching)
             recorded = self.writer.state["blocks"][str(index)].get("tensors")
-            if recorded is not None and tensor_digests(tensors, self._hashers) == recorded:
-                return tensors, None
-            del tensors
+            try:
+                tensors = self._read_files(self._files(index, original), device, prefetching)
+                if recorded is not None and tensor_digests(tensors, self._hashers) == recorded:
+                    return tensors, None
+                del tensors
+            except (CheckpointError, OSError) as e:  # deleted, truncated or rewritten since it was recorded
+                logger.debug("block %d's shard is unreadable: %s", index, e)
             tensors = self._read_files(self.source_files(index), device, prefetching)
             return tensors, "stale:" + combined_digest(tensor_digests(tensors, self._hashers))
         tensors = self._read_files(self.source_files(index), device, prefetching)
