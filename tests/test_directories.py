@@ -207,3 +207,16 @@ def test_written_files_follow_the_umask(checkpoint, tmp_path, monkeypatch):
         assert stat.S_IMODE(out.stat().st_mode) == 0o750, out
         modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
         assert set(modes.values()) == {0o640}, modes
+
+
+def test_cli_refuses_a_directory_holding_the_model_in_one_line(checkpoint, capsys):
+    """``--output`` above ``--model`` with ``--overwrite``: the old check compared only the model directory
+    itself, so the run went ahead and the replacement deleted the model; now exit 2 with one line."""
+    from optimum_statprune import cli
+
+    before = _listing(checkpoint.parent)
+    code = cli.main(["prune", "--model", str(checkpoint), "--output", str(checkpoint.parent), "--overwrite",
+                     "--method", "magnitude", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "a directory holding the model" in err
+    assert "Traceback" not in err and _listing(checkpoint.parent) == before
