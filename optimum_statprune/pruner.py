@@ -262,8 +262,12 @@ class StatPruner(OptimumQuantizer):
         from accelerate import init_empty_weights
 
         trust = self.loading_kwargs.get("trust_remote_code", False)
-        with init_empty_weights(include_buffers=False):
-            skeleton = AutoModelForCausalLM.from_config(self.model_config, trust_remote_code=trust)
+        try:
+            with init_empty_weights(include_buffers=False):
+                skeleton = AutoModelForCausalLM.from_config(self.model_config, trust_remote_code=trust)
+        except Exception as e:  # noqa: BLE001 - an early check only: the masks check each layer again
+            logger.debug("no meta skeleton for the N:M width check (%s); layers are checked when pruned", e)
+            return
         check_pattern_widths(skeleton, self.config, self.blocks)
 
     def _device(self) -> torch.device:
@@ -351,7 +355,7 @@ class StatPruner(OptimumQuantizer):
                 self.tokenizer.save_pretrained(tmp)
             self.config.save_pretrained(tmp)
             manifest["tensors"], manifest["files"] = saved_shards(tmp)
-            write_manifest(tmp, manifest)
+            write_manifest(tmp, manifest, published=False)
             publish(tmp, save_dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

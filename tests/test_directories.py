@@ -149,7 +149,7 @@ def test_publish_leaves_the_complete_old_or_new_model_after_a_failure_at_any_ste
     monkeypatch.undo()
     directories.recover(out)
     assert _listing(out) in (old, new)
-    assert not (tmp_path / ".out.old").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no aside copy, no stateless partial
 
 
 def test_a_swap_killed_between_its_renames_is_restored_not_published(tmp_path):
@@ -189,6 +189,9 @@ def test_stale_temporaries_of_the_same_output_are_removed_and_none_are_made_insi
         write_manifest(out, {**manifest, "evaluation": {}})
     monkeypatch.setattr(atomic.os, "replace", real_replace)
     assert _listing(out) == before  # nothing half-written inside the published model
+    assert [p.name[:9] for p in tmp_path.glob(".out.tmp-*")] == [".out.tmp-"]  # the stray is beside it
+    check_output(out, overwrite=True)  # the next run of this output
+    assert not list(tmp_path.glob(".out.tmp-*"))
 
 
 def test_written_files_follow_the_umask(checkpoint, tmp_path, monkeypatch):

@@ -28,6 +28,7 @@ import shutil
 from pathlib import Path
 
 from .atomic import dir_mode, file_mode, fsync_path
+from .writer import STATE_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +98,11 @@ def recover(output: Path) -> None:
         else:
             logger.info("removing %s, left by a previous run that was killed after replacing %s", aside, output)
             shutil.rmtree(aside)
+    partial = partial_dir(output)
+    if partial.is_dir() and not partial.is_symlink() and not (partial / STATE_NAME).exists():
+        # no resume state: a crash before the first record, or the replaced model a killed swap left there
+        logger.info("removing %s, which holds no resumable run", partial)
+        shutil.rmtree(partial, ignore_errors=True)
     if output.parent.is_dir():
         prefix = temp_prefix(output)
         for stray in output.parent.iterdir():

@@ -492,7 +492,7 @@ def prune_checkpoint(
     info = {"name_or_path": base_model or str(source), "architecture": type(model).__name__,
             "dtype": str(dtype or model.config.dtype)}
     write_manifest(partial, build_manifest(config.resolved(), report.layers, calibration_info, info, report.seconds,
-                                           report.owl, tensors=tensors, files=files))
+                                           report.owl, tensors=tensors, files=files), published=False)
     (partial / STATE_NAME).unlink()
     for f in partial.iterdir():  # the small files (config, tokenizer, manifest); shards are durable already
         if f.is_file() and f.name not in files:

@@ -122,12 +122,13 @@ def pruning_config_block(config: dict[str, Any], base_model: str | None) -> dict
     }
 
 
-def write_manifest(directory: str | os.PathLike, manifest: dict[str, Any]) -> str:
-    """Write the manifest atomically, its temp file beside ``directory`` (which may be a published model)
-    so that a kill leaves nothing inside it; sources are recorded as ``public_source`` names."""
+def write_manifest(directory: str | os.PathLike, manifest: dict[str, Any], published: bool = True) -> str:
+    """Write the manifest atomically; sources are recorded as ``public_source`` names. In a ``published``
+    model directory the temp file goes beside it (``.<dir>.tmp-XXXX``, removed by the next run of that
+    output if a kill leaves it), never inside; a directory still being built holds its own temp files."""
     path = os.path.join(directory, MANIFEST_NAME)
     manifest = _sanitized(manifest)
-    atomic_write_text(path, json.dumps(manifest, indent=2) + "\n", temp_beside=True)
+    atomic_write_text(path, json.dumps(manifest, indent=2) + "\n", temp_beside=published)
     return path
 
 
