@@ -3,8 +3,10 @@
 The model skeleton is built on the meta device; embeddings and other tensors outside the blocks are
 loaded once for the capture; each block is read from the input safetensors to the compute device,
 pruned, written to its own output shard by a background thread (which also hashes it), then dropped
-back to meta. Progress lives in ``.<name>.partial/`` beside the output directory, which is renamed into
-place only when complete; running the same command again resumes from the last finished block.
+back to meta. Progress lives in ``.<name>.partial/`` beside the output directory, which is published
+(``checkpoint.directories.publish``) only when complete; running the same command again resumes from the
+finished blocks, after checking the source and each reused shard (``checkpoint.resume``; what is
+guaranteed is in docs/performance.md). The shard writer and its host buffers are in ``checkpoint.writer``.
 
 While block ``i`` computes, a prefetch thread reads the block expected next into host memory (pinned when
 the compute device is a GPU, so ``load`` only issues an asynchronous host-to-device copy). A pruned block

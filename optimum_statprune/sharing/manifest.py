@@ -94,17 +94,21 @@ def public_source(name: Any) -> str | None:
 def saved_shards(directory: str | os.PathLike) -> tuple[dict[str, str], dict[str, int]]:
     """``tensors`` and ``files`` of the manifest, read back from the safetensors files in ``directory``:
     the sha256 of every tensor's stored bytes and the size of every shard, one shard in memory at a time."""
-    from ..checkpoint.shards import CheckpointReader, read_to_host, sha256_in_place
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ..checkpoint.resume import tensor_digests
+    from ..checkpoint.shards import CheckpointReader, read_to_host
 
     reader = CheckpointReader(directory)
     tensors: dict[str, str] = {}
     files: dict[str, int] = {}
-    for file in sorted(set(reader.weight_map.values())):
-        path = Path(directory) / file
-        files[file] = path.stat().st_size
-        read, _ = read_to_host({path: None})
-        tensors.update((k, sha256_in_place(v)) for k, v in read.items())
-        del read
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="statprune-hash") as pool:
+        for file in sorted(set(reader.weight_map.values())):
+            path = Path(directory) / file
+            files[file] = path.stat().st_size
+            read, _ = read_to_host({path: None})
+            tensors.update(tensor_digests(read, pool))  # hashlib releases the GIL: one thread per tensor
+            del read
     return dict(sorted(tensors.items())), files
 
 
