@@ -238,15 +238,16 @@ def test_a_stale_partial_of_other_settings_is_discarded_with_overwrite(tmp_path)
 
 
 def test_pruning_seconds_add_up_across_resumed_processes(tmp_path):
-    """The first process spends at least 2 x 1.5 s on the two blocks it finishes before it is killed; the
-    resumed run's manifest counts them (it used to count only the last process)."""
+    """The killed process's clock runs 100 s per reading, so each of the two blocks it finished took at
+    least 100 s; the resumed run's manifest counts them (it used to count only the last process)."""
     src, out = _four_blocks(tmp_path / "src"), tmp_path / "out"
-    prelude = ("slow = loop._prune_block\n"
-               "loop._prune_block = lambda *a, **k: (time.sleep(1.5), slow(*a, **k))[1]")
+    prelude = ("import itertools, types\n"
+               "ticks = itertools.count(0.0, 100.0)\n"
+               "streaming.time = types.SimpleNamespace(perf_counter=lambda: next(ticks))")
     state = _crash(src, out, prelude=prelude)
-    assert all(entry["seconds"] >= 1.5 for entry in state["blocks"].values())
+    assert all(entry["seconds"] >= 100 for entry in state["blocks"].values())
     pruner = _prune(src, out)
-    assert read_manifest(out)["pruning_seconds"] == pruner.report.seconds >= 3.0
+    assert read_manifest(out)["pruning_seconds"] == pruner.report.seconds >= 200
 
 
 # ---------------------------------------------------------------------------------------- shapes
