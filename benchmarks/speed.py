@@ -17,8 +17,8 @@ A/B of the streaming I/O knobs in one run (variants alternate, each run a fresh 
 prefetch, one writer, fsync per shard in the writer, a fresh pageable host buffer per written block);
 ``fresh`` = ``reuse_write_buffers=0,pin_write_buffers=0``; ``pageable`` = ``pin_write_buffers=0``.
 ``in-memory`` loads the whole model onto the device first and times ``prune`` alone: the compute floor of
-the engine, with no checkpoint I/O. Any ``knob=value`` list of ``optimum_statprune.engine.streaming``'s
-PREFETCH / WRITER_THREADS / SYNC / REUSE_WRITE_BUFFERS / PIN_WRITE_BUFFERS works.
+the engine, with no checkpoint I/O. Any ``knob=value`` list of ``StreamingOptions`` fields
+(prefetch / writer_threads / sync / reuse_write_buffers / pin_write_buffers) works.
 ``weights_digest`` (sha256 over the manifest's per-layer hashes) must agree across variants.
 """
 
@@ -98,21 +98,11 @@ VARIANTS = {"default": "",
             "fresh": "reuse_write_buffers=0,pin_write_buffers=0", "pageable": "pin_write_buffers=0"}
 
 
-def _apply_knobs(spec: str) -> None:
-    """Set optimum_statprune.engine.streaming's I/O defaults from "prefetch=0,writer_threads=1,sync=inline"."""
-    from optimum_statprune.engine import streaming
+def streaming_options(spec: str):
+    """The ``StreamingOptions`` of a variant name or a "prefetch=0,writer_threads=1,sync=inline" list."""
+    from optimum_statprune.engine.streaming import StreamingOptions
 
-    for item in filter(None, VARIANTS.get(spec, spec).split(",")):
-        key, value = item.split("=")
-        key = key.strip().upper()
-        if key in ("PREFETCH", "REUSE_WRITE_BUFFERS", "PIN_WRITE_BUFFERS"):
-            setattr(streaming, key, value.strip().lower() in ("1", "true", "yes", "on"))
-        elif key == "WRITER_THREADS":
-            streaming.WRITER_THREADS = None if value.strip() in ("", "auto", "none") else int(value)
-        elif key == "SYNC":
-            streaming.SYNC = value.strip()
-        else:
-            raise ValueError(f"unknown streaming knob {key!r}")
+    return StreamingOptions.parse(VARIANTS.get(spec, spec))
 
 
 def run_one(args: argparse.Namespace) -> dict:
@@ -123,8 +113,7 @@ def run_one(args: argparse.Namespace) -> dict:
     from optimum_statprune import StatPruneConfig, StatPruner
 
     in_memory = args.variant == "in-memory"
-    if args.variant and not in_memory:
-        _apply_knobs(args.variant)
+    options = streaming_options(args.variant) if not in_memory else None
     method = args.method
     if method == "io":  # the streaming I/O floor: magnitude's pipeline with the pruning step a no-op
         from optimum_statprune.engine import loop as engine
@@ -144,7 +133,7 @@ def run_one(args: argparse.Namespace) -> dict:
         pruner.prune(ids, progress=False)
     else:
         pruner = StatPruner.from_pretrained(args.model, config=config, device=args.device, dtype=torch.float16)
-        pruner.prune(ids, output_dir=args.output, overwrite=True, progress=False)
+        pruner.prune(ids, output_dir=args.output, overwrite=True, progress=False, streaming=options)
     total = time.perf_counter() - start
     report = pruner.report
     blocks = report.block_seconds

@@ -7,12 +7,13 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from optimum.quantization_base import OptimumQuantizer
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from .checkpoint.directories import check_output, publish, temp_prefix
 from .checkpoint.shards import tensor_sha256
 from .config import StatPruneConfig
 from .engine.biases import declare_added_biases
@@ -24,8 +25,12 @@ from .sharing.manifest import (
     build_manifest,
     calibration_fingerprint,
     pruning_config_block,
+    saved_shards,
     write_manifest,
 )
+
+if TYPE_CHECKING:
+    from .engine.streaming import StreamingOptions
 
 logger = logging.getLogger(__name__)
 
@@ -127,10 +132,17 @@ class StatPruner(OptimumQuantizer):
         return None
 
     # ------------------------------------------------------------------------------------ calibration
-    def calibration_batches(self, calibration: Calibration) -> list[CalibrationBatch]:
-        """Turn the user's calibration into micro-batches of token ids (and padding masks)."""
+    def calibration_batches(self, calibration: Calibration, allow_short: bool = False) -> list[CalibrationBatch]:
+        """Turn the user's calibration into micro-batches of token ids (and padding masks).
+
+        A list of strings is one sample per string, truncated to ``seqlen``; together they must hold
+        ``nsamples × seqlen`` tokens, as the CLI's windows do, unless ``allow_short`` (recorded in the
+        manifest's calibration block). No tokens at all is always an error."""
+        from .data.texts import DataError
+
         cfg = self.config
         mask = None
+        short = None
         if isinstance(calibration, torch.Tensor):
             ids = calibration
             if ids.dim() == 1:
@@ -142,6 +154,15 @@ class StatPruner(OptimumQuantizer):
             ids = ids.long()
         elif isinstance(calibration, (list, tuple)) and calibration and all(isinstance(s, str) for s in calibration):
             ids, mask = self._tokenize_samples(list(calibration)[: cfg.nsamples])
+            found, needed = int(mask.sum()), cfg.nsamples * cfg.seqlen
+            if found == 0 or (found < needed and not allow_short):
+                raise DataError(
+                    f"the calibration texts hold {found} tokens in {len(calibration)} sample(s); nsamples × seqlen = "
+                    f"{cfg.nsamples} × {cfg.seqlen} = {needed} are needed. Give more text, lower nsamples or seqlen"
+                    + (", or pass allow_short_calibration=True to prune on fewer" if found else "")
+                )
+            if found < needed:
+                short = {"tokens": found, "needed": needed}
         elif isinstance(calibration, (str, os.PathLike)):
             from .data.texts import calibration_windows, load_texts, resolve_seqlen
 
@@ -152,7 +173,11 @@ class StatPruner(OptimumQuantizer):
                 "calibration must be a list of strings, a tensor of token ids, or a file / dataset name; "
                 f"got {type(calibration).__name__}"
             )
+        if ids.numel() == 0:
+            raise DataError(f"the calibration holds no tokens (token ids of shape {list(ids.shape)})")
         self.calibration_info = calibration_fingerprint(ids, mask, ids.shape[1], cfg.seed)
+        if short is not None:
+            self.calibration_info["allow_short_calibration"] = short
         return list(iter_batches(ids, mask, cfg.batch_size))
 
     def _require_tokenizer(self):
@@ -176,6 +201,8 @@ class StatPruner(OptimumQuantizer):
         overwrite: bool = False,
         progress: bool = True,
         activations: str = "auto",
+        streaming: StreamingOptions | None = None,
+        allow_short_calibration: bool = False,
     ) -> PreTrainedModel | str:
         """Prune and return the model, or with ``output_dir`` write the pruned model there and return its
         path. Magnitude pruning needs no ``calibration``.
@@ -183,18 +210,19 @@ class StatPruner(OptimumQuantizer):
         With ``output_dir`` and a safetensors checkpoint as source, blocks are streamed from the input
         shards to the output shards and the whole model is never in host memory; an interrupted run
         resumes when called again with the same arguments. ``activations`` places the calibration hidden
-        states between blocks: "device", "host" (pinned memory), or "auto" by free GPU memory."""
+        states between blocks: "device", "host" (pinned memory), or "auto" by free GPU memory.
+        ``streaming`` sets the streaming I/O knobs (``StreamingOptions``). Text calibration with fewer
+        than ``nsamples × seqlen`` tokens is refused unless ``allow_short_calibration``."""
         if output_dir is not None:
-            output = Path(output_dir)
-            if output.exists() and any(output.iterdir()) and not overwrite:
-                raise FileExistsError(f"{output} is not empty; choose another directory or pass overwrite=True")
+            check_output(output_dir, overwrite, self._local_source())
+        self._check_shapes()
         checkpoint = self._checkpoint_dir() if output_dir is not None else None
         if checkpoint is not None and self.config.add_bias and self.config.resolved_compensation() == "bias":
             raise ValueError(
                 "bias compensation with add_bias=True is not available when streaming to output_dir (shards "
                 "are written before every block's biases are known); prune in memory, then save_pretrained"
             )
-        batches = self._batches(calibration)
+        batches = self._batches(calibration, allow_short_calibration)
         if checkpoint is not None:
             from .engine.streaming import prune_checkpoint
 
@@ -203,7 +231,7 @@ class StatPruner(OptimumQuantizer):
                 dtype=_dtype(self.loading_kwargs.get("dtype", self.loading_kwargs.get("torch_dtype"))),
                 tokenizer=self.tokenizer, blocks=self.blocks, overwrite=overwrite, progress=progress,
                 trust_remote_code=self.loading_kwargs["trust_remote_code"], activations=activations,
-                base_model=self._base_model(),
+                base_model=self._base_model(), options=streaming,
             )
             return str(output_dir)
         self.report = prune_model(self.model, batches, self.config, self._device(), self.blocks, progress, activations)
@@ -211,12 +239,36 @@ class StatPruner(OptimumQuantizer):
             return self.save_pretrained(output_dir, overwrite=overwrite)
         return self.model
 
-    def _batches(self, calibration: Calibration) -> list[CalibrationBatch]:
+    def _batches(self, calibration: Calibration, allow_short: bool = False) -> list[CalibrationBatch]:
         if not self.config.needs_activations:
             return []
         if calibration is None:
             raise ValueError(f"method {self.config.method!r} needs calibration data (texts or token ids)")
-        return self.calibration_batches(calibration)
+        return self.calibration_batches(calibration, allow_short)
+
+    def _local_source(self) -> str | None:
+        source = self.source if self.source is not None else getattr(self._model.config, "_name_or_path", None)
+        return str(source) if source and Path(str(source)).exists() else None
+
+    def _check_shapes(self) -> None:
+        """N:M widths against the layers' shapes, from the config alone when the weights are not loaded."""
+        from .engine.streaming import check_pattern_widths
+
+        if self.config.nm is None:
+            return
+        if self._model is not None:
+            check_pattern_widths(self._model, self.config, self.blocks)
+            return
+        from accelerate import init_empty_weights
+
+        trust = self.loading_kwargs.get("trust_remote_code", False)
+        try:
+            with init_empty_weights(include_buffers=False):
+                skeleton = AutoModelForCausalLM.from_config(self.model_config, trust_remote_code=trust)
+        except Exception as e:  # noqa: BLE001 - an early check only: the masks check each layer again
+            logger.debug("no meta skeleton for the N:M width check (%s); layers are checked when pruned", e)
+            return
+        check_pattern_widths(skeleton, self.config, self.blocks)
 
     def _device(self) -> torch.device:
         return torch.device(self.device) if self.device is not None else default_device()
@@ -288,27 +340,28 @@ class StatPruner(OptimumQuantizer):
     def save_pretrained(self, save_dir: str | Path, overwrite: bool = False, max_shard_size: str = "5GB") -> str:
         """Write safetensors shards, ``config.json``, tokenizer, ``statprune_config.json`` and
         ``pruning_manifest.json``. Everything lands in a temporary sibling directory that is renamed into
-        place only when complete, so an interrupted save never leaves a directory that looks whole."""
-        save_dir = Path(save_dir)
-        if save_dir.exists() and any(save_dir.iterdir()) and not overwrite:
-            raise FileExistsError(f"{save_dir} is not empty; choose another directory or pass overwrite=True")
+        place only when complete, so an interrupted save never leaves a directory that looks whole; the
+        manifest hashes every tensor as read back from the written shards."""
+        given = save_dir
+        save_dir = check_output(save_dir, overwrite, self._local_source())
         declare_added_biases(self.model)
         manifest = self.manifest()
         save_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{save_dir.name}.tmp-", dir=save_dir.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(save_dir), dir=save_dir.parent))
         try:
             self.model.config.pruning_config = pruning_config_block(manifest["config"], self._base_model())
             self.model.save_pretrained(tmp, max_shard_size=max_shard_size)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(tmp)
             self.config.save_pretrained(tmp)
-            write_manifest(tmp, manifest)
-            _replace_dir(tmp, save_dir)
+            manifest["tensors"], manifest["files"] = saved_shards(tmp)
+            write_manifest(tmp, manifest, published=False)
+            publish(tmp, save_dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         logger.info("saved pruned model to %s", save_dir)
-        return str(save_dir)
+        return str(given)
 
 
 def gguf_dequantize_config() -> Any:
@@ -343,14 +396,3 @@ def _dtype(value: Any) -> torch.dtype | None:
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"unknown dtype {value!r}; use e.g. float16, bfloat16 or float32")
     return dtype
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move the finished ``src`` to ``dst``; an existing ``dst`` is swapped out first, then deleted."""
-    if not dst.exists():
-        os.replace(src, dst)
-        return
-    old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-    os.replace(dst, old)
-    os.replace(src, dst)
-    shutil.rmtree(old, ignore_errors=True)

@@ -60,7 +60,7 @@ def test_streamed_equals_in_memory_bit_for_bit(checkpoint, tmp_path, method, pat
     _assert_identical(tmp_path / "streamed", tmp_path / "memory")
     ms = json.loads((tmp_path / "streamed" / MANIFEST_NAME).read_text())
     mm = json.loads((tmp_path / "memory" / MANIFEST_NAME).read_text())
-    strip = ("created", "pruning_seconds", "model")
+    strip = ("created", "pruning_seconds", "model", "files")  # shards are split differently; tensors agree
     assert {k: v for k, v in ms.items() if k not in strip} == {k: v for k, v in mm.items() if k not in strip}
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "streamed")
     with torch.no_grad():
@@ -90,7 +90,7 @@ def test_moe_checkpoint_needing_conversion_streams_bit_for_bit(tmp_path, arch, m
     assert set(_tensors(tmp_path / "streamed")) == source_keys
     ms = json.loads((tmp_path / "streamed" / MANIFEST_NAME).read_text())
     mm = json.loads((tmp_path / "memory" / MANIFEST_NAME).read_text())
-    strip = ("created", "pruning_seconds", "model")
+    strip = ("created", "pruning_seconds", "model", "files")  # shards are split differently; tensors agree
     assert {k: v for k, v in ms.items() if k not in strip} == {k: v for k, v in mm.items() if k not in strip}
     assert any(r.get("expert") is not None for r in ms["layers"])
     assert verify(tmp_path / "streamed").ok
@@ -132,9 +132,10 @@ _CRASHING_RUN = textwrap.dedent(
             os._exit(9)  # as abrupt as a kill: no cleanup, no finally
 
     streaming.ShardWriter._record = record_then_die
-    {setup}
+    options = streaming.StreamingOptions({setup})
     cfg = StatPruneConfig(method="wanda", sample_tokens=32)
-    StatPruner.from_pretrained({src!r}, config=cfg, device="cpu").prune(token_ids(6, 16), output_dir={out!r}, progress=False)
+    StatPruner.from_pretrained({src!r}, config=cfg, device="cpu").prune(token_ids(6, 16), output_dir={out!r}, progress=False,
+                                                                       streaming=options)
     """
 )
 
@@ -255,14 +256,12 @@ def test_prefetch_and_writer_threads_give_identical_output(tmp_path, monkeypatch
         close(self)
 
     monkeypatch.setattr(streaming.StreamingBlockStore, "close", count_hits)
-    variants = {"default": {}, "legacy": dict(PREFETCH=False, WRITER_THREADS=1, SYNC="inline", REUSE_WRITE_BUFFERS=False),
-                "two-writers": dict(WRITER_THREADS=2, SYNC="inline"), "one-writer": dict(WRITER_THREADS=1)}
-    for name, knobs in variants.items():
-        with monkeypatch.context() as m:
-            for attr, value in knobs.items():
-                m.setattr(streaming, attr, value)
-            StatPruner.from_pretrained(src, config=cfg, device="cpu").prune(token_ids(6, 16), output_dir=tmp_path / name,
-                                                                           progress=False)
+    variants = {"default": "", "legacy": "prefetch=0,writer_threads=1,sync=inline,reuse_write_buffers=0",
+                "two-writers": "writer_threads=2,sync=inline", "one-writer": "writer_threads=1"}
+    for name, spec in variants.items():
+        StatPruner.from_pretrained(src, config=cfg, device="cpu").prune(token_ids(6, 16), output_dir=tmp_path / name,
+                                                                       progress=False,
+                                                                       streaming=streaming.StreamingOptions.parse(spec))
     loads = 4 * (2 if owl else 1)
     assert hits == [loads, 0, loads, loads]  # block 0 is read while the calibration inputs are captured
     for name in list(variants)[1:]:
@@ -277,9 +276,9 @@ def test_pinned_and_pageable_write_buffers_give_identical_output_on_gpu(tmp_path
     src = _four_block_checkpoint(tmp_path / "src")
     cfg = StatPruneConfig(method="statprune", sample_tokens=32)
     for name, pin in (("pinned", True), ("pageable", False)):
-        monkeypatch.setattr(streaming, "PIN_WRITE_BUFFERS", pin)
-        StatPruner.from_pretrained(src, config=cfg, device="cuda").prune(token_ids(6, 16), output_dir=tmp_path / name,
-                                                                        progress=False)
+        StatPruner.from_pretrained(src, config=cfg, device="cuda").prune(
+            token_ids(6, 16), output_dir=tmp_path / name, progress=False,
+            streaming=streaming.StreamingOptions(pin_write_buffers=pin))
     _assert_identical(tmp_path / "pinned", tmp_path / "pageable")
 
 
@@ -334,7 +333,7 @@ def test_resume_with_prefetch(tmp_path, monkeypatch, owl):
     order) and the result equals an uninterrupted run without prefetch."""
     src = _four_block_checkpoint(tmp_path / "src")
     out = tmp_path / "out"
-    setup = "streaming.PREFETCH = True; streaming.WRITER_THREADS = 2"
+    setup = "prefetch=True, writer_threads=2"
     script = _CRASHING_RUN.format(tests=str(TESTS), src=str(src), out=str(out), crash_after=2, setup=setup)
     if owl:
         script = script.replace('StatPruneConfig(method="wanda", sample_tokens=32)',
@@ -351,9 +350,9 @@ def test_resume_with_prefetch(tmp_path, monkeypatch, owl):
     cfg = StatPruneConfig(method="wanda", sample_tokens=32, owl=owl)
     StatPruner.from_pretrained(src, config=cfg, device="cpu").prune(token_ids(6, 16), output_dir=out, progress=False)
     assert not partial.exists()
-    monkeypatch.setattr(streaming, "PREFETCH", False)
     StatPruner.from_pretrained(src, config=cfg, device="cpu").prune(token_ids(6, 16), output_dir=tmp_path / "ref",
-                                                                   progress=False)
+                                                                   progress=False,
+                                                                   streaming=streaming.StreamingOptions(prefetch=False))
     _assert_identical(out, tmp_path / "ref")
     a = json.loads((out / MANIFEST_NAME).read_text())
     b = json.loads((tmp_path / "ref" / MANIFEST_NAME).read_text())

@@ -39,6 +39,19 @@ for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), (
         SAFETENSORS_DTYPES[_name] = getattr(torch, _attr)
 
 
+# bits per element of every dtype safetensors defines (sub-byte ones are packed)
+SAFETENSORS_BITS = {
+    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
+    "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "I64": 64, "U64": 64,
+    "F64": 64, "C64": 64,
+}
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on the JSON header
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file or index that is not what it claims to be (names the file and, where known, the tensor)."""
+
+
 class CheckpointReader:
     """Tensors of a (sharded) safetensors checkpoint, by name, read straight to a device."""
 
@@ -46,7 +59,7 @@ class CheckpointReader:
         self.directory = Path(directory)
         index = self.directory / INDEX_NAME
         if index.is_file():
-            self.weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            self.weight_map: dict[str, str] = _read_weight_map(index)
         else:
             single = self.directory / SINGLE_NAME
             if not single.is_file():
@@ -77,21 +90,99 @@ class CheckpointReader:
         return by_file
 
     def fingerprint(self) -> str:
-        """Identifies the checkpoint: names, sizes and mtimes of its shards."""
-        h = hashlib.sha256()
+        """Identifies the checkpoint by content, not by timestamps: the weight map and, per shard, its name,
+        size and the sha256 of its header (every tensor's name, dtype, shape and offsets). Reads only the
+        headers. Any re-save that moves, resizes, renames or re-types a tensor changes it; a checkpoint of
+        the same shapes with different values does not (``source_digest`` of a block catches that)."""
+        h = hashlib.sha256(json.dumps(self.weight_map, sort_keys=True).encode())
         for file in sorted(set(self.weight_map.values())):
-            st = (self.directory / file).stat()
-            h.update(f"{file}:{st.st_size}:{int(st.st_mtime)}".encode())
+            path = self.directory / file
+            raw = _header_bytes(path)
+            h.update(f"{file}:{path.stat().st_size}:{hashlib.sha256(raw).hexdigest()}".encode())
         return h.hexdigest()
 
 
-def safetensors_header(path: Path) -> tuple[int, dict[str, Any]]:
-    """Byte offset where the data starts, and the tensor entries (dtype, shape, data_offsets)."""
+def _read_weight_map(index: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index}: not a safetensors index (a JSON object with a weight_map): {e}") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index}: weight_map must map tensor names to shard file names")
+    for file in set(weight_map.values()):
+        if Path(file).name != file:
+            raise CheckpointError(f"{index}: shard {file!r} is not a file name inside the checkpoint directory")
+    return weight_map
+
+
+def _header_bytes(path: Path) -> bytes:
+    """The JSON header of a safetensors file, its length checked against the file's size."""
+    size = path.stat().st_size
     with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
-    return 8 + n, header
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise CheckpointError(f"{path}: {size} bytes, too short for a safetensors file (8-byte header length)")
+        n = int.from_bytes(prefix, "little")
+        if n > MAX_HEADER_BYTES or 8 + n > size:
+            raise CheckpointError(f"{path}: header length {n} does not fit a {size}-byte file; the file is truncated or not safetensors")
+        raw = f.read(n)
+    if len(raw) != n:
+        raise CheckpointError(f"{path}: ends inside its header")
+    return raw
+
+
+def safetensors_header(path: Path) -> tuple[int, dict[str, Any]]:
+    """Byte offset where the data starts, and the tensor entries (dtype, shape, data_offsets), validated as
+    safetensors does: a JSON object, known dtypes, offsets contiguous from 0 and in bounds, each tensor's
+    byte length matching its shape and dtype, the data ending exactly at the end of the file."""
+    path = Path(path)
+    raw = _header_bytes(path)
+    try:
+        header = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: the header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: the header is not a JSON object")
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise CheckpointError(f"{path}: __metadata__ must map strings to strings")
+    spans = []
+    for name, entry in header.items():
+        spans.append((*_check_entry(path, name, entry), name))
+    spans.sort()
+    expected = 0
+    for begin, end, name in spans:
+        if begin != expected:
+            what = "overlaps the tensor before it" if begin < expected else f"leaves a gap at byte {expected}"
+            raise CheckpointError(f"{path}: tensor {name!r} starts at data byte {begin} and {what}")
+        expected = end
+    data_bytes = path.stat().st_size - 8 - len(raw)
+    if expected != data_bytes:
+        raise CheckpointError(f"{path}: the tensors end at data byte {expected} but the file holds {data_bytes} data bytes")
+    return 8 + len(raw), header
+
+
+def _check_entry(path: Path, name: str, entry: Any) -> tuple[int, int]:
+    if not isinstance(entry, dict):
+        raise CheckpointError(f"{path}: tensor {name!r} has no dtype/shape/data_offsets entry")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in SAFETENSORS_BITS:
+        raise CheckpointError(f"{path}: tensor {name!r} has unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise CheckpointError(f"{path}: tensor {name!r} has an invalid shape {shape!r}")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
+            or offsets[0] > offsets[1]):
+        raise CheckpointError(f"{path}: tensor {name!r} has invalid data_offsets {offsets!r}")
+    numel = 1
+    for d in shape:
+        numel *= d
+    bits = numel * SAFETENSORS_BITS[dtype]
+    if bits % 8 or offsets[1] - offsets[0] != bits // 8:
+        raise CheckpointError(
+            f"{path}: tensor {name!r} spans {offsets[1] - offsets[0]} bytes but {dtype} {shape} needs {bits / 8:g}"
+        )
+    return offsets[0], offsets[1]
 
 
 def read_exact(f, offset: int, out: torch.Tensor) -> None:
@@ -119,6 +210,8 @@ def read_to_host(files: dict[Path, list[str] | None], staging: torch.Tensor | No
     for path, names in files.items():
         start, header = safetensors_header(path)
         for name in header if names is None else names:
+            if name not in header:
+                raise CheckpointError(f"{path}: has no tensor {name!r}, which the index places there")
             entry = header[name]
             begin, end = entry["data_offsets"]
             plan.append((path, start + begin, end - begin, SAFETENSORS_DTYPES[entry["dtype"]], entry["shape"], name))

@@ -658,28 +658,13 @@ def _positive(value: int | None, flag: str) -> None:
 
 
 def check_output_dir(output: str, overwrite: bool, model_path: str | None = None) -> Path:
-    """Refuse, before any work, an output that is a file, a non-empty directory (without
-    ``--overwrite``), or a directory whose replacement would be destructive."""
-    path = Path(output).expanduser()
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"--output {output} is a file; give a directory path")
-    if path.is_dir() and any(path.iterdir()):
-        if not overwrite:
-            raise UsageError(
-                f"--output {output} already exists and is not empty; choose another directory or pass --overwrite to replace it"
-            )
-        resolved = path.resolve()
-        cwd = Path.cwd().resolve()
-        if resolved == cwd or resolved in cwd.parents or resolved == Path.home().resolve():
-            raise UsageError(f"--output {output} is the current directory, one of its parents or the home directory; refusing to replace it even with --overwrite")
-        if model_path is not None and Path(model_path).exists() and Path(model_path).resolve() == resolved:
-            raise UsageError(f"--output {output} is the model being pruned; write the pruned model to another directory")
-    parent = path.parent if not path.exists() else path
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not os.access(parent, os.W_OK):
-        raise UsageError(f"--output {output}: {parent} is not writable; choose a directory you can write to")
-    return path
+    """Refuse, before any work, an output that cannot be written safely (``checkpoint.directories``)."""
+    from ..checkpoint.directories import OutputDirError, check_output
+
+    try:
+        return check_output(output, overwrite, model_path)
+    except OutputDirError as exc:
+        raise UsageError(f"--output {exc}".replace("pass overwrite (--overwrite)", "pass --overwrite")) from None
 
 
 def check_device(device: str | None) -> None:

@@ -3,8 +3,10 @@
 The model skeleton is built on the meta device; embeddings and other tensors outside the blocks are
 loaded once for the capture; each block is read from the input safetensors to the compute device,
 pruned, written to its own output shard by a background thread (which also hashes it), then dropped
-back to meta. Progress lives in ``.<name>.partial/`` beside the output directory, which is renamed into
-place only when complete; running the same command again resumes from the last finished block.
+back to meta. Progress lives in ``.<name>.partial/`` beside the output directory, which is published
+(``checkpoint.directories.publish``) only when complete; running the same command again resumes from the
+finished blocks, after checking the source and each reused shard (``checkpoint.resume``; what is
+guaranteed is in docs/performance.md). The shard writer and its host buffers are in ``checkpoint.writer``.
 
 While block ``i`` computes, a prefetch thread reads the block expected next into host memory (pinned when
 the compute device is a GPU, so ``load`` only issues an asynchronous host-to-device copy). A pruned block
@@ -16,14 +18,14 @@ the shards, then of the directory) and only then records the blocks in ``statpru
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
-import queue
-import shutil
-import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,19 +33,21 @@ import torch
 from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..checkpoint.atomic import atomic_write_text, fsync_path
+from ..checkpoint.directories import check_output, partial_dir, publish
+from ..checkpoint.resume import ResumeMismatchError, combined_digest, open_state, tensor_digests
 from ..checkpoint.shards import (
     INDEX_NAME,
+    CheckpointError,
     CheckpointReader,
     aligned_nbytes,
     read_to_host,
-    sha256_in_place,
     shard_name,
 )
+from ..checkpoint.writer import STATE_NAME, HostBufferPool, ShardWriter, writer_threads_for
 from ..config import StatPruneConfig
 from ..sharing.manifest import build_manifest, pruning_config_block, write_manifest
 from .conversion import CheckpointConversion
@@ -60,213 +64,53 @@ from .targets import find_blocks, find_targets
 
 logger = logging.getLogger(__name__)
 
-STATE_NAME = "statprune_state.json"
-
-# Defaults of prune_checkpoint's I/O knobs (module attributes so that benchmarks can A/B them).
-PREFETCH = True
-WRITER_THREADS: int | None = None  # None: 2 when host memory allows, else 1
-SYNC = "background"  # or "inline": fsync each shard in its writer thread (the behaviour before 0.1.x)
-REUSE_WRITE_BUFFERS = True  # False: a fresh host buffer per block on its way to the writer (the old behaviour)
-PIN_WRITE_BUFFERS = True  # pinned when the compute device is a GPU (H200, 7B: 21.5 s vs 23.8 s end to end)
+__all__ = ["STATE_NAME", "HostBufferPool", "ResumeMismatchError", "ShardWriter", "StreamingOptions",
+           "build_skeleton", "check_pattern_widths", "prune_checkpoint", "writer_threads_for"]
 
 
+@dataclass(frozen=True)
+class StreamingOptions:
+    """The I/O knobs of ``prune_checkpoint``; the pruned bytes are identical whatever they are.
 
-class ResumeMismatchError(ValueError):
-    """An unfinished run with different settings occupies the output's partial directory."""
+    ``prefetch``: read the next block while one computes. ``writer_threads``: 1 or 2 threads writing shards,
+    each holding one more block in host memory (``None``: 2 when available host memory exceeds 16 blocks).
+    ``sync``: "background" (shards fsynced by a separate thread, batched) or "inline" (each writer fsyncs
+    its shard). ``reuse_write_buffers``: carry pruned blocks to the writers in a few reused host buffers
+    (False: a fresh one per block). ``pin_write_buffers``: page-lock those buffers when computing on a GPU
+    (H200, 7B: 21.5 s vs 23.8 s end to end)."""
 
+    prefetch: bool = True
+    writer_threads: int | None = None
+    sync: str = "background"
+    reuse_write_buffers: bool = True
+    pin_write_buffers: bool = True
 
-def _available_host_memory() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
+    def __post_init__(self) -> None:
+        if self.sync not in ("background", "inline"):
+            raise ValueError(f"StreamingOptions.sync must be 'background' or 'inline', not {self.sync!r}")
+        if self.writer_threads is not None and self.writer_threads not in (1, 2):
+            raise ValueError(f"StreamingOptions.writer_threads must be 1, 2 or None (auto), not {self.writer_threads!r}")
+        for name in ("prefetch", "reuse_write_buffers", "pin_write_buffers"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"StreamingOptions.{name} must be True or False, not {getattr(self, name)!r}")
 
-
-def writer_threads_for(block_bytes: int) -> int:
-    """2 writer threads when host memory has room for many more blocks than they hold, else 1."""
-    available = _available_host_memory()
-    return 2 if available is not None and available > 16 * block_bytes else 1
-
-
-class HostBufferPool:
-    """Host buffers that carry pruned blocks to the writer threads, reused from block to block.
-
-    A freshly allocated buffer costs a page fault per 4 KiB on first touch, on the thread that fills it:
-    for a 400 MB block that is a few tenths of a second of the main thread per block, which the GPU then
-    waits for. Reusing ``count`` buffers pays that once per buffer. ``acquire`` blocks while all of them
-    are in use, which is what bounds host memory. ``pin`` page-locks them for a GPU: its copies to
-    pinned memory skip the driver's bounce buffer (torch's pinned allocator rounds each buffer up to a
-    power of two). ``reuse=False`` allocates afresh every time (the old behaviour, for comparison)."""
-
-    def __init__(self, count: int, pin: bool = False, reuse: bool = True):
-        self.pin = pin
-        self.reuse = reuse
-        # last in, first out: a released buffer is reused before a placeholder makes a new one, so no more
-        # buffers are allocated than were ever in use at once
-        self._free: queue.LifoQueue = queue.LifoQueue()
-        for _ in range(count):
-            self._free.put(None)
-
-    def acquire(self, nbytes: int) -> torch.Tensor:
-        buffer = self._free.get()
-        if buffer is None or not self.reuse or buffer.numel() < nbytes:
-            buffer = None  # the old one goes before the new one is allocated
-            buffer = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=self.pin)
-        return buffer
-
-    def release(self, buffer: torch.Tensor | None) -> None:
-        self._free.put(buffer if self.reuse else None)
-
-
-class ShardWriter:
-    """Writes one shard per block from background threads, hashing the targeted tensors in parallel, and
-    records each block in the state file once its shard is durable, so a crash loses at most the blocks in
-    flight. At most ``threads + max_pending`` blocks wait in it (one more is being filled in the
-    ``HostBufferPool`` that carries them).
-
-    ``sync="background"``: writer threads only write (to the page cache) and rename; one more thread fsyncs
-    whatever shards have been written since its last round, then the directory, then records those blocks.
-    ``sync="inline"``: each writer thread fsyncs its own shard before recording it. Either way a block is in
-    ``statprune_state.json`` only after its shard and the rename are on disk."""
-
-    def __init__(self, partial: Path, total_shards: int, state: dict[str, Any], threads: int = 1, max_pending: int = 1,
-                 sync: str = "background", to_checkpoint=None):
-        if sync not in ("background", "inline"):
-            raise ValueError(f"sync must be 'background' or 'inline', not {sync!r}")
-        self.partial = partial
-        self.total = total_shards
-        self.state = state
-        self.sync = sync
-        self.to_checkpoint = to_checkpoint  # model-format block tensors -> the checkpoint's keys and layouts
-        self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
-        self._written: queue.Queue = queue.Queue()
-        self._lock = threading.Lock()
-        self._hashers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="statprune-hash")
-        self._error: BaseException | None = None
-        self._threads = [
-            threading.Thread(target=self._run, name=f"statprune-writer-{i}", daemon=True) for i in range(threads)
-        ]
-        for t in self._threads:
-            t.start()
-        self._syncer = threading.Thread(target=self._sync_run, name="statprune-sync", daemon=True)
-        self._syncer.start()
-
-    def submit(self, index: int, tensors: dict[str, torch.Tensor], hashed: dict[str, tuple[str, int | None]],
-               records: list[dict], release=None) -> None:
-        """Queue block ``index``'s shard; ``release()`` is called once ``tensors`` are no longer read."""
-        self._raise()
-        self._queue.put((index, tensors, hashed, records, release))
-
-    def submit_file(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
-        """Write (and make durable) a shard that is not a block, e.g. the tensors outside the blocks."""
-        self._raise()
-        self._queue.put((name, tensors))
-
-    def close(self) -> None:
-        """Wait until every submitted shard is written, durable and recorded."""
-        for _ in self._threads:
-            self._queue.put(None)
-        for t in self._threads:
-            t.join()
-        self._written.put(None)
-        self._syncer.join()
-        self._hashers.shutdown()
-        self._raise()
-
-    def _raise(self) -> None:
-        if self._error is not None:
-            raise RuntimeError(f"writing a shard failed: {self._error}") from self._error
-
-    def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            release = item[4] if len(item) == 5 else None
-            try:
-                if self._error is not None:
-                    pass  # after a failure, queued blocks are dropped (the error surfaces on close)
-                elif len(item) == 2:
-                    self._write_file(*item)
-                else:
-                    self._write(*item[:4])
-            except BaseException as e:  # surfaced on the next submit/close
-                self._error = e
-            item = None  # the block's host memory goes now, not at the next get()
-            if release is not None:
-                release()
-
-    def _save(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
-        tmp = self.partial / f".{name}.tmp"
-        save_file(tensors, tmp, metadata={"format": "pt"})
-        if self.sync == "inline":
-            fsync_path(tmp)
-        os.replace(tmp, self.partial / name)
-
-    def _write_file(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
-        self._save(name, tensors)
-        if self.sync == "inline":
-            fsync_path(self.partial, directory=True)
-        else:
-            self._written.put((None, name, None))
-
-    def _write(self, index: int, tensors: dict[str, torch.Tensor], hashed: dict[str, tuple[str, int | None]], records: list[dict]) -> None:
-        name = shard_name(index, self.total)
-        digests = {}
-        for rec in records:
-            key, expert = hashed[rec["name"]]
-            t = tensors[key] if expert is None else tensors[key][expert]
-            rec["tensor"] = key
-            digests[rec["name"]] = self._hashers.submit(sha256_in_place, t)
-        if self.to_checkpoint is not None:  # hashed as the model holds it, written as the checkpoint had it
-            tensors = self.to_checkpoint(tensors)
-        self._save(name, tensors)
-        for rec in records:
-            rec["sha256"] = digests[rec["name"]].result()
-        entry = {"shard": name, "keys": sorted(tensors), "layers": records}
-        if self.sync == "inline":
-            fsync_path(self.partial, directory=True)
-            self._record(index, entry)
-        else:
-            self._written.put((index, name, entry))
-
-    def _sync_run(self) -> None:
-        """Background durability: each round fsyncs every shard written since the last, then the directory
-        (the renames), and only then records those blocks."""
-        stop = False
-        while not stop:
-            items = [self._written.get()]
-            while True:
-                try:
-                    items.append(self._written.get_nowait())
-                except queue.Empty:
-                    break
-            stop = None in items
-            items = [it for it in items if it is not None]
-            if not items or self._error is not None:
-                continue
-            try:
-                for _, name, _ in items:
-                    fsync_path(self.partial / name)
-                fsync_path(self.partial, directory=True)
-                for index, _, entry in items:
-                    if index is not None:
-                        self._record(index, entry)
-            except BaseException as e:
-                self._error = e
-
-    def _record(self, index: int, entry: dict[str, Any]) -> None:
-        """Mark block ``index`` finished; called only once its shard is durable."""
-        with self._lock:
-            self.state["blocks"][str(index)] = entry
-            atomic_write_text(self.partial / STATE_NAME, json.dumps(self.state, indent=1) + "\n")
+    @classmethod
+    def parse(cls, spec: str) -> StreamingOptions:
+        """From ``"prefetch=0,writer_threads=1,sync=inline"`` (benchmarks' ``--variants``)."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = {}
+        for item in filter(None, (part.strip() for part in spec.split(","))):
+            key, _, value = item.partition("=")
+            key, value = key.strip().lower(), value.strip()
+            if key not in fields:
+                raise ValueError(f"unknown streaming option {key!r}; known: {', '.join(sorted(fields))}")
+            if key == "writer_threads":
+                values[key] = None if value.lower() in ("", "auto", "none") else int(value)
+            elif key == "sync":
+                values[key] = value
+            else:
+                values[key] = value.lower() in ("1", "true", "yes", "on")
+        return cls(**values)
 
 
 class _Prefetcher:
@@ -335,16 +179,14 @@ class StreamingBlockStore:
         self._copied = None  # CUDA event: the last copy out of the staging buffer is done (set before the
         # next prefetch is scheduled, read by that prefetch)
         self._keys_cache: dict[int, list[str]] | None = None
+        self._hashers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="statprune-read-hash")
+        self.source_digests: dict[int, str] = {}  # block -> digest of the source bytes it was pruned from
+        self.rebuilt: list[int] = []  # finished blocks whose output shard had changed: pruned again
+        self._started: dict[int, float] = {}
 
     def block_keys(self, index: int) -> list[str]:
         if self._keys_cache is None:
-            self._keys_cache = {}
-            prefix = self.blocks_path + "."
-            for k in self.reader.tensor_names():
-                if k.startswith(prefix):
-                    head = k[len(prefix):].split(".", 1)[0]
-                    if head.isdigit():
-                        self._keys_cache.setdefault(int(head), []).append(k)
+            self._keys_cache = _block_keys(self.reader, self.blocks_path)
         return list(self._keys_cache.get(index, []))
 
     def _output_shard(self, index: int) -> Path:
@@ -353,11 +195,14 @@ class StreamingBlockStore:
     def _files(self, index: int, original: bool) -> dict[Path, list[str] | None]:
         if index in self.done and not original:
             return {self._output_shard(index): None}
+        return self.source_files(index)
+
+    def source_files(self, index: int) -> dict[Path, list[str] | None]:
         return self.reader.files(self.block_keys(index))
 
-    def _read_safetensors(self, index: int, original: bool) -> dict[str, torch.Tensor]:
+    def _read_safetensors(self, files: dict[Path, list[str] | None]) -> dict[str, torch.Tensor]:
         tensors = {}
-        for path, names in self._files(index, original).items():
+        for path, names in files.items():
             with safe_open(path, framework="pt") as f:
                 for k in f.keys() if names is None else names:  # noqa: SIM118 (not a dict)
                     tensors[k] = f.get_tensor(k)
@@ -368,11 +213,32 @@ class StreamingBlockStore:
         if self._prefetcher is not None and 0 <= index < len(self.blocks):
             self._schedule((index, original), torch.device(device))
 
-    def _read(self, index: int, original: bool, device: torch.device, prefetching: bool = False) -> dict[str, torch.Tensor]:
-        """Block ``index``'s tensors on the host, read into one buffer: pinned and reused for a CUDA prefetch.
-        (Memory-mapping them instead, as safetensors does on a CPU, was ~5% faster there but made the peak
-        RSS erratic, up to four blocks higher from run to run.)"""
-        files = self._files(index, original)
+    def _read(self, index: int, original: bool, device: torch.device,
+              prefetching: bool = False) -> tuple[dict[str, torch.Tensor], str | None]:
+        """Block ``index``'s tensors on the host, and what their bytes say (hashed here, on the prefetch
+        thread when prefetching, so off the compute's path): for a block to prune, the digest of its source
+        bytes; for a block an earlier run finished, its output shard is checked against the digests
+        recorded then, and if it changed the block is read from the source to be pruned again ("stale")."""
+        if index in self.done and not original:
+            recorded = self.writer.state["blocks"][str(index)].get("tensors")
+            try:
+                tensors = self._read_files(self._files(index, original), device, prefetching)
+                if recorded is not None and tensor_digests(tensors, self._hashers) == recorded:
+                    return tensors, None
+                del tensors
+            except (CheckpointError, OSError) as e:  # deleted, truncated or rewritten since it was recorded
+                logger.debug("block %d's shard is unreadable: %s", index, e)
+            tensors = self._read_files(self.source_files(index), device, prefetching)
+            return tensors, "stale:" + combined_digest(tensor_digests(tensors, self._hashers))
+        tensors = self._read_files(self.source_files(index), device, prefetching)
+        if original:
+            return tensors, None
+        return tensors, combined_digest(tensor_digests(tensors, self._hashers))
+
+    def _read_files(self, files: dict[Path, list[str] | None], device: torch.device, prefetching: bool) -> dict[str, torch.Tensor]:
+        """Read into one buffer: pinned and reused for a CUDA prefetch. (Memory-mapping them instead, as
+        safetensors does on a CPU, was ~5% faster there but made the peak RSS erratic, up to four blocks
+        higher from run to run.)"""
         try:
             if prefetching and device.type == "cuda":
                 if self._copied is not None:
@@ -381,7 +247,7 @@ class StreamingBlockStore:
                 return tensors
             return read_to_host(files)[0]
         except KeyError:  # a dtype read_to_host does not know: safetensors reads it
-            return self._read_safetensors(index, original)
+            return self._read_safetensors(files)
 
     def _schedule(self, key: tuple[int, bool], device: torch.device) -> None:
         self._prefetcher.schedule(key, lambda: self._read(*key, device, prefetching=True))
@@ -389,17 +255,30 @@ class StreamingBlockStore:
     def close(self) -> None:
         if self._prefetcher is not None:
             self._prefetcher.close()
+        self._hashers.shutdown()
         self._staging = None
 
     def load(self, index: int, device: torch.device, original: bool = False) -> nn.Module:
         block = self.blocks[index]
         prefix = f"{self.blocks_path}.{index}."
         device = torch.device(device)
-        tensors = self._prefetcher.take((index, original)) if self._prefetcher is not None else None
-        if tensors is not None:
+        if not original:
+            self._started[index] = time.perf_counter()
+        read = self._prefetcher.take((index, original)) if self._prefetcher is not None else None
+        if read is not None:
             self.prefetch_hits += 1
         else:
-            tensors = self._read(index, original, device)
+            read = self._read(index, original, device)
+        tensors, note = read
+        del read
+        if note is not None and note.startswith("stale:"):
+            logger.warning("block %d's shard in %s differs from what the earlier run recorded; pruning it again",
+                           index, self.partial)
+            self.done.discard(index)  # the loop's ``skip``: block ``index`` is pruned again
+            self.rebuilt.append(index)
+            note = note[len("stale:"):]
+        if note is not None:
+            self.source_digests[index] = note
         if device.type != "cpu":
             tensors = {k: v.to(device, non_blocking=True) for k, v in tensors.items()}
             if device.type == "cuda":
@@ -433,8 +312,11 @@ class StreamingBlockStore:
             tensors = _pack(prefix, named, buffer)
             targets = find_targets(block, prefix[:-1], self.config.targets, self.config.ignore)
             hashed = {t.name: (t.state_key, t.expert) for t in targets}
+            started = self._started.pop(index, None)
+            extra = {"source": self.source_digests.pop(index, None),
+                     "seconds": time.perf_counter() - started if started is not None else None}
             self.writer.submit(index, tensors, hashed, self.pending_records.pop(index, []),
-                               release=lambda: self.buffers.release(buffer))
+                               release=lambda: self.buffers.release(buffer), extra=extra)
         block.to("meta")
 
     def release(self, index: int, block: nn.Module) -> None:
@@ -491,6 +373,23 @@ def build_skeleton(source: str | os.PathLike, trust_remote_code: bool = False) -
     return model
 
 
+def check_pattern_widths(model: nn.Module, config: StatPruneConfig, blocks: str | None = None) -> None:
+    """Refuse an N:M pattern whose M does not divide a targeted layer's input width, from the shapes alone
+    (``model`` may be a meta-device skeleton): before any weight is read, not after the first block."""
+    nm = config.nm
+    if nm is None:
+        return
+    blocks_path, block_list = find_blocks(model, blocks)
+    for i, block in enumerate(block_list):
+        for t in find_targets(block, f"{blocks_path}.{i}", config.targets, config.ignore):
+            width = t.weight().shape[-1]
+            if width % nm[1]:
+                raise ValueError(
+                    f"a {nm[0]}:{nm[1]} pattern needs every pruned layer's input width to be a multiple of {nm[1]}; "
+                    f"{t.name} has {width} inputs (choose an M that divides it, or exclude the layer with ignore)"
+                )
+
+
 def prune_checkpoint(
     source: str | os.PathLike,
     output_dir: str | os.PathLike,
@@ -506,54 +405,50 @@ def prune_checkpoint(
     trust_remote_code: bool = False,
     activations: str = "auto",
     base_model: str | None = None,
-    prefetch: bool | None = None,
-    writer_threads: int | None = None,
-    sync: str | None = None,
+    options: StreamingOptions | None = None,
 ) -> PruneReport:
     """Prune the safetensors checkpoint in ``source`` into ``output_dir``, one block at a time.
 
-    I/O knobs (``None``: the module defaults ``PREFETCH``, ``WRITER_THREADS``, ``SYNC``): ``prefetch`` reads
-    the next block while one computes; ``writer_threads`` (1 or 2; ``None`` picks 2 when available host
-    memory exceeds 16 blocks) write shards in parallel, each holding one more block in host memory;
-    ``sync`` is "background" (shards fsynced by a separate thread, batched) or "inline" (each writer fsyncs
-    its shard). The result is bit-identical whatever they are."""
-    prefetch = PREFETCH if prefetch is None else prefetch
-    writer_threads = WRITER_THREADS if writer_threads is None else writer_threads
-    sync = SYNC if sync is None else sync
-    output = Path(output_dir)
-    if output.exists() and any(output.iterdir()) and not overwrite:
-        raise FileExistsError(f"{output} is not empty; choose another directory or pass overwrite=True")
+    ``options`` are the I/O knobs (``StreamingOptions``); the result is bit-identical whatever they are.
+    The output is checked (``check_output``) before anything is read, built in ``.<name>.partial`` beside
+    it and published with ``publish``; a run killed before that resumes when called again with the same
+    arguments, or starts over with ``overwrite`` when they differ."""
+    options = options if options is not None else StreamingOptions()
+    output = check_output(output_dir, overwrite, source)
     reader = CheckpointReader(source)
     model = build_skeleton(source, trust_remote_code)
     blocks_path, block_list = find_blocks(model, blocks)
+    check_pattern_widths(model, config, blocks)
     n_blocks = len(block_list)
     total = n_blocks + 1
 
-    partial = output.with_name(f".{output.name}.partial")
+    partial = partial_dir(output)
     identity = {
         "config": config.resolved(),
         "calibration": calibration_info,
         "checkpoint": reader.fingerprint(),
         "dtype": str(dtype) if dtype is not None else None,
     }
-    state = _open_state(partial, identity)
+    keys = _block_keys(reader, blocks_path)
+    state = open_state(partial, identity, overwrite, lambda st: _source_changed(st, reader, keys))
     done = {int(i) for i in state["blocks"]}
     if done:
         logger.info("resuming %s: %d of %d blocks already pruned", output, len(done), n_blocks)
 
+    writer_threads = options.writer_threads
     if writer_threads is None:
         itemsize = dtype.itemsize if dtype is not None else None
         block_bytes = sum(p.numel() * (itemsize if itemsize and p.is_floating_point() else p.element_size())
                           for _, p in _persistent_tensors(block_list[0])) if n_blocks else 0
         writer_threads = writer_threads_for(block_bytes)
     conversion = CheckpointConversion(model, reader.tensor_names())
-    writer = ShardWriter(partial, total, state, threads=writer_threads, sync=sync,
+    writer = ShardWriter(partial, total, state, threads=writer_threads, sync=options.sync,
                          to_checkpoint=conversion.to_checkpoint if conversion.active else None)
     # one buffer more than the writer holds (one per thread, one queued): acquiring one never waits
-    buffers = HostBufferPool(writer_threads + 2, pin=PIN_WRITE_BUFFERS and torch.device(device).type == "cuda",
-                             reuse=REUSE_WRITE_BUFFERS)
+    buffers = HostBufferPool(writer_threads + 2, pin=options.pin_write_buffers and torch.device(device).type == "cuda",
+                             reuse=options.reuse_write_buffers)
     store = StreamingBlockStore(block_list, blocks_path, reader, partial, dtype, writer, config, done, buffers,
-                                conversion, prefetch=prefetch)
+                                conversion, prefetch=options.prefetch)
     try:
         store.start(0, device, original=config.owl)  # block 0 is read while the rest is set up
         outside_tensors = _load_outside(model, blocks_path, reader, device, dtype, conversion)
@@ -574,13 +469,19 @@ def prune_checkpoint(
         store.close()
         writer.close()  # every shard durable and recorded
     report.layers = [rec for i in range(n_blocks) for rec in state["blocks"][str(i)]["layers"]]
+    # the time of the blocks earlier processes finished, plus this process's (a rebuilt block counts once)
+    report.seconds += sum(state["blocks"][str(i)].get("seconds") or 0.0 for i in done)
 
-    weight_map = dict.fromkeys(outside_keys, shard_name(n_blocks, total))
+    outside_shard = shard_name(n_blocks, total)
+    weight_map = dict.fromkeys(outside_keys, outside_shard)
+    tensors = dict(writer.file_digests[outside_shard])
     for i in range(n_blocks):
         entry = state["blocks"][str(i)]
         weight_map.update(dict.fromkeys(entry["keys"], entry["shard"]))
-    total_size = sum(os.path.getsize(partial / f) for f in set(weight_map.values()))
-    atomic_write_text(partial / INDEX_NAME, json.dumps({"metadata": {"total_size": total_size}, "weight_map": weight_map}, indent=2))
+        tensors.update(entry["tensors"])
+    files = {f: os.path.getsize(partial / f) for f in sorted(set(weight_map.values()))}
+    index = {"metadata": {"total_size": sum(files.values())}, "weight_map": weight_map}
+    atomic_write_text(partial / INDEX_NAME, json.dumps(index, indent=2))
     if dtype is not None:
         model.config.dtype = dtype
     model.config.pruning_config = pruning_config_block(config.resolved(), base_model)
@@ -590,35 +491,41 @@ def prune_checkpoint(
     if tokenizer is not None:
         tokenizer.save_pretrained(partial)
     config.save_pretrained(partial)
-    info = {"name_or_path": str(source), "architecture": type(model).__name__, "dtype": str(dtype or model.config.dtype)}
-    write_manifest(partial, build_manifest(config.resolved(), report.layers, calibration_info, info, report.seconds, report.owl))
+    info = {"name_or_path": base_model or str(source), "architecture": type(model).__name__,
+            "dtype": str(dtype or model.config.dtype)}
+    write_manifest(partial, build_manifest(config.resolved(), report.layers, calibration_info, info, report.seconds,
+                                           report.owl, tensors=tensors, files=files), published=False)
     (partial / STATE_NAME).unlink()
-    shards = set(weight_map.values())
     for f in partial.iterdir():  # the small files (config, tokenizer, manifest); shards are durable already
-        if f.is_file() and f.name not in shards:
+        if f.is_file() and f.name not in files:
             fsync_path(f)
-    fsync_path(partial, directory=True)
-    if output.exists():
-        shutil.rmtree(output)
-    os.replace(partial, output)
-    fsync_path(output.parent, directory=True)
+    publish(partial, output)
     return report
 
 
-def _open_state(partial: Path, identity: dict[str, Any]) -> dict[str, Any]:
-    state_file = partial / STATE_NAME
-    if state_file.is_file():
-        state = json.loads(state_file.read_text())
-        if state.get("identity") != identity:
-            changed = sorted(k for k in identity if state.get("identity", {}).get(k) != identity[k])
-            raise ResumeMismatchError(
-                f"{partial} holds an unfinished run with a different {', '.join(changed)}; rerun with the same "
-                f"settings to resume, or delete {partial} to start over"
-            )
-        return state
-    if partial.exists():
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
-    state = {"identity": identity, "blocks": {}}
-    atomic_write_text(state_file, json.dumps(state, indent=1) + "\n")
-    return state
+def _block_keys(reader: CheckpointReader, blocks_path: str) -> dict[int, list[str]]:
+    keys: dict[int, list[str]] = {}
+    prefix = blocks_path + "."
+    for k in reader.tensor_names():
+        if k.startswith(prefix):
+            head = k[len(prefix):].split(".", 1)[0]
+            if head.isdigit():
+                keys.setdefault(int(head), []).append(k)
+    return keys
+
+
+def _source_changed(state: dict[str, Any], reader: CheckpointReader, keys: dict[int, list[str]]) -> str | None:
+    """Whether the source's bytes differ from what the unfinished run read: the first finished block is read
+    again and its digest compared (one block's read, only when resuming). Headers and sizes are compared by
+    the identity's fingerprint; this catches a different checkpoint of the same shapes."""
+    first = min(state["blocks"], key=int)
+    recorded = state["blocks"][first].get("source")
+    if recorded is None:
+        return "no record of its source's bytes"
+    try:
+        tensors = read_to_host(reader.files(keys.get(int(first), [])))[0]
+    except KeyError:  # a dtype read_to_host does not know
+        tensors = reader.read(keys.get(int(first), []))
+    if combined_digest(tensor_digests(tensors)) != recorded:
+        return f"a different source checkpoint (block {first}'s weights differ)"
+    return None
