@@ -63,10 +63,6 @@ logger = logging.getLogger(__name__)
 BLOCK_CHECK_BATCHES = 1
 """Calibration batches the block-level safety check runs the block on (three extra passes each)."""
 
-# engine/streaming.py still imports the old private name; the public one is targets.hidden_size.
-_hidden_size = hidden_size
-
-
 class BlockStore(Protocol):
     """Where block ``i``'s weights come from and go back to."""
 

@@ -55,12 +55,11 @@ from .loop import (
     BlockInputs,
     CalibrationBatch,
     PruneReport,
-    _hidden_size,
     capture_block_inputs,
     choose_placement,
     prune_blocks,
 )
-from .targets import find_blocks, find_targets
+from .targets import find_blocks, find_targets, hidden_size
 
 logger = logging.getLogger(__name__)
 
@@ -459,7 +458,7 @@ def prune_checkpoint(
         del outside_tensors
         if config.needs_activations:
             dt = dtype or model.get_input_embeddings().weight.dtype
-            on_host = choose_placement(activations, batches, _hidden_size(model), dt, device)
+            on_host = choose_placement(activations, batches, hidden_size(model), dt, device)
             inputs = capture_block_inputs(model, blocks_path, block_list, batches, device, on_host)
         else:
             inputs = BlockInputs([], False, [], [], [])

@@ -55,11 +55,10 @@ from ..checkpoint.shards import (
 )
 from ..tensor_math.patterns import PatternError, parse_pattern
 from . import transport
-from .manifest import MANIFEST_NAME
+from .manifest import MANIFEST_NAME, READABLE_SCHEMA_VERSIONS
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_SCHEMAS = (1, 2)
 WEIGHT_FILES = ["*.safetensors", "*.safetensors.index.json", "config.json", MANIFEST_NAME]
 HASH_BATCH_BYTES = 256 * 2**20  # host memory one hashing read may take (a larger tensor is read alone)
 
@@ -160,8 +159,8 @@ def load_manifest(
 def check_schema(manifest: dict[str, Any], where: str) -> dict[str, Any]:
     """``manifest`` if this version reads its schema; a ``ValueError`` naming ``where`` otherwise."""
     version = manifest.get("schema_version") if isinstance(manifest, dict) else None
-    if version not in SUPPORTED_SCHEMAS:
-        raise ValueError(f"{where} has manifest schema {version!r}; this version reads {', '.join(map(str, SUPPORTED_SCHEMAS))}")
+    if version not in READABLE_SCHEMA_VERSIONS:
+        raise ValueError(f"{where} has manifest schema {version!r}; this version reads {', '.join(map(str, READABLE_SCHEMA_VERSIONS))}")
     if version >= 2 and not (isinstance(manifest.get("tensors"), dict) and isinstance(manifest.get("files"), dict)):
         raise ValueError(f"{where} is a schema-{version} manifest without its 'tensors' and 'files' sections")
     return manifest
