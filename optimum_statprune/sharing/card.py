@@ -80,16 +80,21 @@ def write_model_card(folder: str | os.PathLike, base_model: str | None = None, r
 
 
 def _base_model(folder: Path, manifest: dict[str, Any]) -> str | None:
-    candidates = [(manifest.get("model") or {}).get("name_or_path")]
+    """The Hub id the model was pruned from, or None for a local source.
+
+    ``config.json``'s ``pruning_config.base_model`` decides when present: it is set at pruning time only
+    when the source was a Hub id. The manifest's ``name_or_path`` is the fallback for folders without it,
+    but it records a local source by its last path component, which can look like a Hub id: trusted only
+    when ``config.json`` says nothing."""
     config_path = folder / "config.json"
     if config_path.is_file():
         with open(config_path, encoding="utf-8") as f:
-            config = json.load(f)
-        candidates.insert(0, (config.get("pruning_config") or {}).get("base_model"))
-    for name in candidates:
-        if name and looks_like_hub_id(str(name)):
-            return str(name)
-    return None
+            pruning = json.load(f).get("pruning_config")
+        if isinstance(pruning, dict) and "base_model" in pruning:
+            name = pruning["base_model"]
+            return str(name) if name and looks_like_hub_id(str(name)) else None
+    name = (manifest.get("model") or {}).get("name_or_path")
+    return str(name) if name and looks_like_hub_id(str(name)) else None
 
 
 # ------------------------------------------------------------------------------------------- content
