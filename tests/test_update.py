@@ -20,6 +20,7 @@ from optimum_statprune.engine.prune_step import prune_target
 from optimum_statprune.engine.targets import Target, find_blocks, find_targets
 from optimum_statprune.methods import get_method
 from optimum_statprune.sharing.manifest import MANIFEST_NAME
+from optimum_statprune.sharing.verify import verify
 from optimum_statprune.tensor_math import weight_update
 from optimum_statprune.tensor_math.masks import prune_count
 from optimum_statprune.tensor_math.scores import cvr_score, magnitude_score, wanda_score
@@ -183,6 +184,8 @@ def test_streamed_is_bit_identical_to_in_memory_and_the_manifest_holds_the_updat
     for rec in manifest["layers"]:
         assert set(rec["update"]) >= {"kind", "applied", "damp", "retries", "iters", "error_mask", "error"}
         assert rec["compensation"] == {"kind": "none", "applied": False}
+    report = verify(tmp_path / "streamed")  # the re-chosen masks are what the manifest says: 2:4, 50%
+    assert report.ok, report.summary()
 
 
 def test_owl_sparsities_are_kept_exactly_by_the_gradual_mask():
@@ -329,4 +332,4 @@ def test_the_quality_preset_resolves_as_documented():
     # statprune stays the fast preset: no update
     assert StatPruneConfig(method="statprune").resolve("update") == "none"
     assert StatPruneConfig().resolved()["update"] == "none"
-    assert StatPruneConfig.from_dict(resolved) == StatPruneConfig(**resolved)
+    assert StatPruneConfig.from_dict(resolved).resolved() == resolved  # the manifest's config reloads as run
