@@ -22,9 +22,9 @@ class Observer:
 
     ``statistics`` (default: ``config.statistics``, what the method and the steps after its mask read)
     says which accumulators each target gets (``X^T X`` through ``GramAccumulator`` when the weight update
-    reads it). Targets that read the very same input tensor (q/k/v,
-    gate/up) share one, found on the first micro-batch, so their statistics are computed once. A token
-    subsample is kept when a compensation will judge or fit on it."""
+    reads it). Targets that read the very same input tensor (q/k/v, gate/up) share one, found on the
+    first micro-batch, so their statistics are computed once. A token subsample is kept when a
+    compensation will judge or fit on it."""
 
     def __init__(
         self,
