@@ -210,11 +210,12 @@ class StatPruneConfig:
         if self.update_mask_steps is not None:
             check_int(self, "update_mask_steps", minimum=0)
         check_bool(self, "update_tf32")
-        steps = self.resolve("update_mask_steps")  # the method is known to be registered by now
-        if steps > self.update_iters:
+        update = self.resolve("update")  # the method is known to be registered by now
+        steps = self.resolve("update_mask_steps")
+        # a preset's mask steps matter only where its update runs; the user's are checked always
+        if steps > self.update_iters and (update != "none" or self.update_mask_steps is not None):
             invalid("update_mask_steps", steps,
                     f"the mask is re-chosen within the update's iterations: use at most update_iters={self.update_iters}")
-        update = self.resolve("update")
         if update == "none":
             return
         method = get_method(self.method)

@@ -329,6 +329,7 @@ def test_the_quality_preset_resolves_as_documented():
     torch.testing.assert_close(get_method("quality").score(w, stats, cfg), get_method("ria").score(w, stats, cfg))
     assert StatPruneConfig(method="quality", update_mask_steps=0).resolve("update_mask_steps") == 0
     assert StatPruneConfig(method="quality", update="none").statistics == {"channel"}
+    assert StatPruneConfig(method="quality", update="none", update_iters=10).update_iters == 10  # steps unused
     # statprune stays the fast preset: no update
     assert StatPruneConfig(method="statprune").resolve("update") == "none"
     assert StatPruneConfig().resolved()["update"] == "none"
