@@ -8,6 +8,10 @@ Each run is a fresh subprocess, so peak host RSS (ru_maxrss) and peak GPU memory
 load -> calibrate -> prune -> save, measured inside the process after imports. The peer
 (llmcompressor, its own environment) runs on the same checkpoint and the same token ids.
 
+Any registered method or preset name works, e.g. the weight update's preset against SparseGPT:
+
+    python benchmarks/speed.py --shapes llama2-7b --methods statprune,quality,sparsegpt --workdir /tmp/speed --json speed.json
+
 ``--methods io`` times the streaming I/O alone (magnitude's pipeline with the pruning step a no-op).
 A/B of the streaming I/O knobs in one run (variants alternate, each run a fresh process):
 

@@ -14,6 +14,12 @@ Stages, each choosing from the numbers of the ones before:
 4. ``holdout`` (60%, 4:8, 2:4): the preset (without OWL where the pattern is N:M) against the baselines,
    so the defaults are checked where they were not chosen.
 
+A separate stage, ``update`` (``--stages update``), sweeps the weight update's parameters around the
+``quality`` preset's defaults (``update_damp``, ``update_mask_steps``, ``update_iters``, ``update_rho``),
+one at a time, at 50% and 60% unstructured, 4:8 and 2:4, beside Wanda and SparseGPT:
+
+    python benchmarks/sweep.py --state update-sweep.json --stages update --calibration-tokens ... --eval-tokens ...
+
 Every run is appended to the ``--state`` JSON as soon as it is measured; the same command continues an
 interrupted sweep. The model is loaded once and its dense weights restored before every run.
 """
@@ -290,6 +296,34 @@ def holdout(s: Sweep, preset: dict) -> None:
                 s.run("holdout", {**score_part(preset), **c}, pattern, sparsity, label="preset score + compensation")
 
 
+UPDATE_PRESET = {"method": "quality"}
+UPDATE_CASES = (("unstructured", 0.5), ("unstructured", 0.6), ("4:8", 0.5), ("2:4", 0.5))
+
+
+def update_variations() -> list[tuple[str, dict]]:
+    """The quality preset with one weight-update parameter changed at a time (defaults: damp 0.1, 15 of 20
+    iterations re-choosing the mask, rho 1)."""
+    out = [("update_damp", {**UPDATE_PRESET, "update_damp": d}) for d in (0.02, 0.05, 0.2, 0.5)]
+    out += [("update_mask_steps", {**UPDATE_PRESET, "update_mask_steps": k}) for k in (0, 5, 10, 20)]
+    # more or fewer iterations, the mask re-chosen in the first three quarters as in the preset
+    out += [("update_iters", {**UPDATE_PRESET, "update_iters": n, "update_mask_steps": 3 * n // 4}) for n in (8, 12, 30, 40)]
+    out += [("update_rho", {**UPDATE_PRESET, "update_rho": r}) for r in (0.3, 3.0)]
+    return out
+
+
+def update_stage(s: Sweep) -> dict[tuple[str, float], list[dict]]:
+    """Every case: the baselines, the preset, and each variation; rows tagged with the changed parameter."""
+    out = {}
+    for pattern, sparsity in UPDATE_CASES:
+        for b in ({"method": "wanda"}, {"method": "sparsegpt"}):
+            s.run("update", b, pattern, sparsity, label=b["method"])
+        rows = []
+        for name, o in [("preset", UPDATE_PRESET), *update_variations()]:
+            rows.append({**s.run("update", o, pattern, sparsity, label=name), "parameter": name})
+        out[(pattern, sparsity)] = rows
+    return out
+
+
 def sensitivity_table(rows: list[dict], preset_ppl: float) -> list[str]:
     by: dict[str, list[dict]] = {}
     for r in rows:
@@ -312,6 +346,8 @@ def _changed(o: dict, name: str) -> str:
         if o.get("safety_check"):
             extra.append(f"{o.get('safety_scope', 'layer')} check")
         return o.get("compensation", "none") + (f" ({', '.join(extra)})" if extra else "")
+    if name == "update_iters":
+        return f"{o['update_iters']} (mask {o['update_mask_steps']})"
     if name in o:
         return str(o[name])
     if name == "owl":
@@ -332,20 +368,27 @@ def main() -> None:
 
     s = Sweep(args)
     stages = args.stages.split(",")
+    unknown = set(stages) - {"explore", "combine", "sensitivity", "holdout", "update"}
+    if unknown:
+        p.error(f"unknown stage(s) {', '.join(sorted(unknown))}")
     dense = s.dense_ppl()
-    ex = explore(s)
-    preset_row = combine(s, ex) if "combine" in stages else best(ex["scores"])
-    preset = preset_row["overrides"]
-    sens50 = sensitivity(s, preset, 0.5) if "sensitivity" in stages else []
-    sens60 = sensitivity(s, preset, 0.6) if "sensitivity" in stages else []
-    if sens50 and sens60:
-        preset_row, preset = refine(preset, sens50, sens60)
-    if "holdout" in stages:
-        holdout(s, preset)
+    preset_row, sens50, sens60 = None, [], []
+    if set(stages) - {"update"}:  # the statprune preset's stages (explore always runs under them)
+        ex = explore(s)
+        preset_row = combine(s, ex) if "combine" in stages else best(ex["scores"])
+        preset = preset_row["overrides"]
+        sens50 = sensitivity(s, preset, 0.5) if "sensitivity" in stages else []
+        sens60 = sensitivity(s, preset, 0.6) if "sensitivity" in stages else []
+        if sens50 and sens60:
+            preset_row, preset = refine(preset, sens50, sens60)
+        if "holdout" in stages:
+            holdout(s, preset)
+    updates = update_stage(s) if "update" in stages else {}
 
     wanda = {r["pattern"] + f"@{r['sparsity_target']}": ppl(r) for r in s.rows if r["overrides"] == {"method": "wanda"}}
-    print(f"\ndense perplexity {dense:.3f}; chosen preset: {describe(preset)} -> {ppl(preset_row):.3f} "
-          f"(Wanda {wanda.get('unstructured@0.5', math.nan):.3f})")
+    print(f"\ndense perplexity {dense:.3f} (Wanda {wanda.get('unstructured@0.5', math.nan):.3f})")
+    if preset_row is not None:
+        print(f"chosen preset: {describe(preset)} -> {ppl(preset_row):.3f}")
     print("\n| stage | run | pattern | sparsity | perplexity | vs Wanda | pruning s | compensation kept |")
     print("|---|---|---|---|---|---|---|---|")
     for r in s.rows:
@@ -361,6 +404,10 @@ def main() -> None:
             base = ppl(next(r for r in rows if r["parameter"] == "preset"))
             print(f"\nSensitivity at {sparsity:.0%} unstructured, around the stage-2 preset ({base:.2f}):\n")
             print("\n".join(sensitivity_table(rows, base)))
+    for (pattern, sparsity), rows in updates.items():
+        base = ppl(next(r for r in rows if r["parameter"] == "preset"))
+        print(f"\nWeight update at {pattern} {sparsity:.0%}, around the quality preset ({base:.2f}):\n")
+        print("\n".join(sensitivity_table(rows, base)))
 
 
 if __name__ == "__main__":

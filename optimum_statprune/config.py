@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .methods import all_methods, get_method, method_names
-from .methods.base import CHANNEL, check_bool, check_choice, check_int, check_real, invalid, is_real
+from .methods.base import CHANNEL, HESSIAN, check_bool, check_choice, check_int, check_real, invalid, is_real
 from .methods.cvr import ACTIVATION_STATS, WEIGHT_STAT_AXES
 from .methods.sparsegpt import ALLOCATIONS as SPARSEGPT_ALLOCATIONS
 from .methods.sparsegpt import SWEEPS as SPARSEGPT_SWEEPS
@@ -37,6 +37,13 @@ COMPENSATION_NEEDS: dict[str, frozenset[str]] = {
 }
 COMPENSATIONS = tuple(COMPENSATION_NEEDS)
 SAFETY_SCOPES = ("layer", "block")
+# The weight update after the mask ("admm": masked least squares against X^T X, tensor_math/weight_update.py)
+# and the statistics each reads.
+UPDATE_NEEDS: dict[str, frozenset[str]] = {
+    "none": frozenset(),
+    "admm": frozenset({HESSIAN}),
+}
+UPDATES = tuple(UPDATE_NEEDS)
 EC_STEPS = ("column", "row", "column,row", "row,column")
 # The choices of methods' own fields (WEIGHT_STAT_AXES, ACTIVATION_STATS, SPARSEGPT_*) are imported
 # above from their methods, and named here because the CLI lists them. METHODS and PRESET_DEFAULTS are
@@ -44,7 +51,7 @@ EC_STEPS = ("column", "row", "column,row", "row,column")
 __all__ = [
     "ACTIVATION_STATS", "COMPENSATIONS", "CONFIG_NAME", "DEFAULT_SPARSITY", "EC_STEPS", "GENERAL_DEFAULTS", "GROUPS",
     "PRESET_FIELDS", "SAFETY_SCOPES", "SCHEMA_VERSION", "SPARSEGPT_ALLOCATIONS",
-    "SPARSEGPT_SWEEPS", "WEIGHT_STAT_AXES", "StatPruneConfig",
+    "SPARSEGPT_SWEEPS", "UPDATES", "WEIGHT_STAT_AXES", "StatPruneConfig",
 ]
 
 # What a preset field left at None means when the method's preset does not set it (methods/*.py hold
@@ -58,6 +65,8 @@ GENERAL_DEFAULTS: dict[str, Any] = {
     "compensation_shrink": 1.0,
     "safety_check": False,
     "safety_scope": "layer",
+    "update": "none",
+    "update_mask_steps": 0,
 }
 PRESET_FIELDS = tuple(GENERAL_DEFAULTS)
 
@@ -111,6 +120,17 @@ class StatPruneConfig:
     sparsegpt_damp: float = 0.01
     sparsegpt_allocation: str = "even"
     sparsegpt_sweep: str = "columns"
+    # Weight update after the mask, whatever method chose it: "admm" reconstructs the surviving weights
+    # against X^T X (masked least squares, a ridge toward the dense weight of update_damp x mean(diag)),
+    # update_iters ADMM iterations with penalty update_rho; the first update_mask_steps of them re-choose
+    # the mask in the method's score (0: the method's mask is held fixed). None: the method's preset.
+    update: str | None = None
+    update_iters: int = 20
+    update_damp: float = 0.1
+    update_rho: float = 1.0
+    update_mask_steps: int | None = None
+    # TF32 matmuls in the ADMM iterations on CUDA (the Gram, its inverse and the errors stay fp32)
+    update_tf32: bool = True
     # OWL: per-block sparsity from the share of outlier Wanda scores (> owl_threshold x mean)
     owl: bool = False
     owl_threshold: float = 5.0
@@ -142,6 +162,7 @@ class StatPruneConfig:
         self._validate_pattern()
         check_choice(self, "group", GROUPS)
         self._validate_compensation()
+        self._validate_update()
         self._validate_owl()
         for name in ("sample_tokens", "nsamples", "seqlen", "batch_size"):
             check_int(self, name)
@@ -180,6 +201,32 @@ class StatPruneConfig:
         if not (isinstance(clamp, tuple) and len(clamp) == 2 and all(is_real(v) for v in clamp) and 0 < clamp[0] <= clamp[1]):
             invalid("ec_clamp", clamp, "use a pair (low, high) with 0 < low <= high, e.g. (1.0, 2.0)")
 
+    def _validate_update(self) -> None:
+        check_choice(self, "update", UPDATES, optional=True)
+        check_int(self, "update_iters")
+        check_real(self, "update_damp", low=0, low_open=True,
+                   allowed="use a positive ridge relative to mean(diag(X^T X)), e.g. 0.1")
+        check_real(self, "update_rho", low=0, low_open=True, allowed="use a positive ADMM penalty, e.g. 1.0")
+        if self.update_mask_steps is not None:
+            check_int(self, "update_mask_steps", minimum=0)
+        check_bool(self, "update_tf32")
+        update = self.resolve("update")  # the method is known to be registered by now
+        steps = self.resolve("update_mask_steps")
+        # a preset's mask steps matter only where its update runs; the user's are checked always
+        if steps > self.update_iters and (update != "none" or self.update_mask_steps is not None):
+            invalid("update_mask_steps", steps,
+                    f"the mask is re-chosen within the update's iterations: use at most update_iters={self.update_iters}")
+        if update == "none":
+            return
+        method = get_method(self.method)
+        if method.updates_weights:
+            invalid("update", update, f"{method.name} updates the surviving weights itself; use 'none'")
+        if self.compensation not in (None, "none"):
+            # The update is a least-squares fit of the surviving weights; a compensation rescales them
+            # assuming they are the original ones (before it) or would undo the fit (after it).
+            invalid("compensation", self.compensation,
+                    f"the weight update (update={update!r}) refits the surviving weights itself; use 'none'")
+
     def _validate_owl(self) -> None:
         check_bool(self, "owl")
         if self.owl and self.pattern != UNSTRUCTURED:
@@ -215,10 +262,10 @@ class StatPruneConfig:
 
     @property
     def statistics(self) -> frozenset[str]:
-        """The input statistics a run collects: the method's, and those its compensation reads (a safety
-        check judges on a token subsample, which comes with the channel statistics)."""
+        """The input statistics a run collects: the method's, and those its compensation and its weight
+        update read (a safety check judges on a token subsample, which comes with the channel statistics)."""
         kind = self.resolved_compensation()
-        needs = get_method(self.method).needs | COMPENSATION_NEEDS[kind]
+        needs = get_method(self.method).needs | COMPENSATION_NEEDS[kind] | UPDATE_NEEDS[self.resolve("update")]
         if kind != "none" and self.resolve("safety_check"):
             needs |= {CHANNEL}
         return needs
@@ -234,6 +281,8 @@ class StatPruneConfig:
         value = getattr(self, name)
         if value is not None:
             return value
+        if name == "compensation" and self.resolve("update") != "none":
+            return "none"  # a preset's compensation gives way to the weight update (the two are exclusive)
         return get_method(self.method).preset.get(name, GENERAL_DEFAULTS[name])
 
     def resolved_compensation(self) -> str:

@@ -25,6 +25,24 @@ BAD_VALUES = [
     ("sparsegpt_allocation", None),
     ("sparsegpt_sweep", "fused"),
     ("sparsegpt_sweep", None),
+    ("update", "sgd"),
+    ("update", "ADMM"),
+    ("update", 1),
+    ("update_iters", 0),
+    ("update_iters", 2.0),
+    ("update_iters", None),
+    ("update_damp", 0.0),
+    ("update_damp", -0.1),
+    ("update_damp", NAN),
+    ("update_damp", True),
+    ("update_rho", 0),
+    ("update_rho", INF),
+    ("update_rho", "1"),
+    ("update_mask_steps", -1),
+    ("update_mask_steps", 1.5),
+    ("update_mask_steps", 21),  # more than update_iters
+    ("update_tf32", "yes"),
+    ("update_tf32", None),
     ("owl", "yes"),
     ("owl", 1),
     ("owl_threshold", 0),
@@ -333,12 +351,19 @@ NON_DEFAULT = {
     "sparsegpt_sweep": "solve",
     "owl_threshold": 7.0,
     "owl_lambda": 0.2,
+    "update_iters": 30,
+    "update_damp": 0.05,
+    "update_rho": 2.0,
+    "update_mask_steps": 10,
+    "update_tf32": False,
 }
 # OWL allocates unstructured sparsity, so it cannot be switched on beside NON_DEFAULT's 1:4 pattern.
 OWL = {"method": "wanda", "owl": True, "owl_threshold": 3.0, "owl_lambda": 0.1}
+# The weight update excludes a compensation, so it cannot be switched on beside NON_DEFAULT's "ec".
+UPDATE = {"method": "ria", "update": "admm", "update_mask_steps": 5}
 
 
-@pytest.mark.parametrize("kwargs", [{}, NON_DEFAULT], ids=["defaults", "non-defaults"])
+@pytest.mark.parametrize("kwargs", [{}, NON_DEFAULT, UPDATE], ids=["defaults", "non-defaults", "update"])
 def test_dict_and_json_round_trip(kwargs):
     cfg = StatPruneConfig(**kwargs)
     d = cfg.to_dict()
@@ -367,12 +392,13 @@ def test_non_default_config_differs_in_every_field():
 
     default, other = StatPruneConfig(), StatPruneConfig(**NON_DEFAULT)
     assert StatPruneConfig(**OWL).owl != default.owl
+    assert StatPruneConfig(**UPDATE).update != default.update
     for f in fields(StatPruneConfig):
-        if f.name not in ("schema_version", "owl"):
+        if f.name not in ("schema_version", "owl", "update"):
             assert getattr(default, f.name) != getattr(other, f.name), f.name
 
 
-@pytest.mark.parametrize("kwargs", [{}, NON_DEFAULT, OWL], ids=["defaults", "non-defaults", "owl"])
+@pytest.mark.parametrize("kwargs", [{}, NON_DEFAULT, OWL, UPDATE], ids=["defaults", "non-defaults", "owl", "update"])
 def test_save_and_from_pretrained_round_trip(tmp_path, kwargs):
     cfg = StatPruneConfig(**kwargs)
     target = tmp_path / "nested" / "dir"  # created on demand
@@ -499,10 +525,12 @@ def test_method_list_and_presets_come_from_the_registry():
     from optimum_statprune import config as config_module
     from optimum_statprune.methods import get_method, method_names
 
-    assert config_module.METHODS == method_names() == ("magnitude", "wanda", "ria", "cvr", "statprune", "sparsegpt")
+    assert config_module.METHODS == method_names() == (
+        "magnitude", "wanda", "ria", "cvr", "statprune", "sparsegpt", "quality")
     assert config_module.PRESET_DEFAULTS["statprune"] == dict(get_method("statprune").preset)
+    assert config_module.PRESET_DEFAULTS["quality"] == {"update": "admm", "update_mask_steps": 15}
     assert config_module.PRESET_DEFAULTS["cvr"] == {}
-    with pytest.raises(ValueError, match="choose one of magnitude, wanda, ria, cvr, statprune, sparsegpt"):
+    with pytest.raises(ValueError, match="choose one of magnitude, wanda, ria, cvr, statprune, sparsegpt, quality"):
         StatPruneConfig(method="obs")
 
 
@@ -517,6 +545,10 @@ def test_method_list_and_presets_come_from_the_registry():
         ({"method": "wanda"}, {"channel"}),
         ({"method": "statprune"}, {"channel"}),
         ({"method": "sparsegpt"}, {"hessian"}),
+        # the weight update reads X^T X; a preset's compensation gives way to it
+        ({"method": "magnitude", "update": "admm"}, {"hessian"}),
+        ({"method": "statprune", "update": "admm"}, {"channel", "hessian"}),
+        ({"method": "quality"}, {"channel", "hessian"}),
     ],
 )
 def test_statistics_are_the_methods_and_the_compensations(kwargs, expected):

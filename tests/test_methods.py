@@ -33,7 +33,7 @@ def test_builtin_methods_declare_their_statistics_and_presets():
     needs = {m: get_method(m).needs for m in method_names()}
     assert needs == {
         "magnitude": frozenset(), "wanda": {CHANNEL}, "ria": {CHANNEL}, "cvr": {CHANNEL}, "statprune": {CHANNEL},
-        "sparsegpt": {HESSIAN},
+        "sparsegpt": {HESSIAN}, "quality": {CHANNEL},  # quality's X^T X is its update's (config.statistics)
     }
     assert dict(get_method("statprune").preset) == {
         "alpha": 0.5, "activation_stat": "second_moment", "activation_power": 1.0, "weight_stat_axis": "column",

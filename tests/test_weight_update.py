@@ -250,21 +250,6 @@ def test_dsnot_cancels_a_mean_drift():
     assert int(r.mask.sum()) == 2
 
 
-@pytest.mark.parametrize("method", ["magnitude", "wanda", "cvr", "statprune"])
-def test_score_column_factor_reproduces_the_separable_scores(method):
-    from optimum_statprune import StatPruneConfig
-    from optimum_statprune.tensor_math.scores import layer_scores
-    from optimum_statprune.tensor_math.stats import ChannelStats
-    from optimum_statprune.tensor_math.weight_update import score_column_factor
-
-    stats = ChannelStats(12)
-    stats.update(torch.randn(64, 12) * 3 + 1)
-    w = torch.randn(5, 12)
-    config = StatPruneConfig(method=method)
-    expect = layer_scores(method, w, stats, config)
-    torch.testing.assert_close(w.abs() * score_column_factor(method, w, stats, config), expect)
-
-
 def test_gram_accumulator_is_a_drop_in_hessian_for_sparsegpt():
     from optimum_statprune.tensor_math.sparsegpt import sparsegpt_prune
 

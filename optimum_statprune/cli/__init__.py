@@ -47,6 +47,7 @@ from ..config import (
     SAFETY_SCOPES,
     SPARSEGPT_ALLOCATIONS,
     SPARSEGPT_SWEEPS,
+    UPDATES,
     WEIGHT_STAT_AXES,
     StatPruneConfig,
 )
@@ -85,6 +86,7 @@ FIELD_CHOICES: dict[str, Sequence[str]] = {
     "ec_steps": EC_STEPS,
     "sparsegpt_allocation": SPARSEGPT_ALLOCATIONS,
     "sparsegpt_sweep": SPARSEGPT_SWEEPS,
+    "update": UPDATES,
 }
 FIELD_HELP: dict[str, str] = {
     "method": "selection method",
@@ -115,6 +117,12 @@ FIELD_HELP: dict[str, str] = {
     "sequential": "observe each input group after the previous ones are pruned (slower, Wanda-sequential)",
     "targets": "prune only modules whose names match one of these regular expressions",
     "ignore": "never prune modules whose names match one of these regular expressions",
+    "update": "weight update after the mask: 'admm' refits the surviving weights against X^T X ('none': off)",
+    "update_iters": "ADMM iterations of the weight update",
+    "update_damp": "weight-update ridge toward the dense weight, relative to mean(diag(X^T X))",
+    "update_rho": "ADMM penalty of the weight update",
+    "update_mask_steps": "first iterations of the weight update that re-choose the mask in the method's score (0: fixed mask)",
+    "update_tf32": "TF32 matmuls in the weight update's iterations on CUDA",
 }
 
 _HUB_ID_RE = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")

@@ -21,9 +21,10 @@ class Observer:
     """Forward hooks that feed each target's ``LayerStatistics`` with the target's inputs.
 
     ``statistics`` (default: ``config.statistics``, what the method and the steps after its mask read)
-    says which accumulators each target gets. Targets that read the very same input tensor (q/k/v,
-    gate/up) share one, found on the first micro-batch, so their statistics are computed once. A token
-    subsample is kept when a compensation will judge or fit on it."""
+    says which accumulators each target gets (``X^T X`` through ``GramAccumulator`` when the weight update
+    reads it). Targets that read the very same input tensor (q/k/v, gate/up) share one, found on the
+    first micro-batch, so their statistics are computed once. A token subsample is kept when a
+    compensation will judge or fit on it."""
 
     def __init__(
         self,
@@ -40,6 +41,9 @@ class Observer:
         statistics = config.statistics if statistics is None else statistics
         self.channel, self.hessian = CHANNEL in statistics, HESSIAN in statistics
         self.sample = config.sample_tokens if self.channel and config.resolved_compensation() != "none" else 0
+        # The weight update reads X^T X through the fast GramAccumulator; a method's own Hessian (SparseGPT,
+        # which refuses the update) keeps the HessianAccumulator it was measured with.
+        self.fast_gram = config.resolve("update") != "none"
         # Distinct seeds per block so different layers do not keep the same token positions.
         self.seed = config.seed + 7919 * block_index
         self._followers: set[str] = set()
@@ -51,7 +55,7 @@ class Observer:
     def _accumulator(self, name: str, dim: int) -> LayerStatistics:
         acc = self.stats.get(name)
         if acc is None:
-            acc = LayerStatistics(dim, self.channel, self.hessian, self.sample, self.seed, self.device)
+            acc = LayerStatistics(dim, self.channel, self.hessian, self.sample, self.seed, self.device, self.fast_gram)
             self.stats[name] = acc
         return acc
 

@@ -2,9 +2,9 @@
 update) -> the steps after the mask -> check again -> write back; and the block-level safety check that
 may undo a block's compensations.
 
-The steps after the mask are ``after_mask``: today the compensation. A method-independent weight update
-(a reconstruction from ``X^T X``, ``tensor_math/weight_update.py``) joins there, and the statistics it
-reads join ``StatPruneConfig.statistics``; nothing else has to change.
+The steps after the mask are ``after_mask``: the weight update (``engine/update.py``, a reconstruction
+from ``X^T X``) or the compensation (the config refuses both at once); the statistics they read join
+``StatPruneConfig.statistics``.
 """
 
 from __future__ import annotations
@@ -17,11 +17,12 @@ import torch
 from torch import nn
 
 from ..config import StatPruneConfig
-from ..methods import FALLBACK_METHOD, LayerPruned, get_method
+from ..methods import FALLBACK_METHOD, LayerPruned, Method, get_method
 from ..tensor_math.compensation import compensate
 from ..tensor_math.stats import LayerStatistics
 from .capture import call_block
 from .targets import Target
+from .update import update_layer
 
 logger = logging.getLogger(__name__)
 
@@ -70,13 +71,14 @@ def prune_target(
     record["tokens"] = stats.count if stats is not None else 0
     pruned = method.prune_layer(w0, stats, config, sparsity, target.name)
     record.update(pruned.record)
-    weight, bias_delta = after_mask(target, w0, pruned, stats, config, record, uncompensated)
+    weight, mask, bias_delta = after_mask(target, w0, pruned, stats, config, record, uncompensated,
+                                          method=method, sparsity=sparsity)
     check_finite(weight, f"{target.name}: the weight after pruning ({method.name})")
     target.set_weight(weight)
     if bias_delta is not None:
         _shift_bias(target, bias_delta)
     record["pattern"] = config.pattern
-    record["sparsity"] = 1.0 - float(pruned.mask.sum()) / pruned.mask.numel()
+    record["sparsity"] = 1.0 - float(mask.sum()) / mask.numel()
     # What was checked for NaN/Inf: the weight before and after pruning; the loop adds "block_output".
     record["finite_checked"] = ["weight"]
     return record
@@ -90,19 +92,32 @@ def after_mask(
     config: StatPruneConfig,
     record: dict[str, Any],
     uncompensated: list[Uncompensated] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The steps after the mask, whatever method chose it: the compensation (with this layer's safety
-    check). Returns the final weight and a bias shift (or None); writes ``record["compensation"]``.
+    *,
+    method: Method | None = None,
+    sparsity: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The steps after the mask, whatever method (``method``, at the layer's ``sparsity``) chose it: the
+    weight update, or the compensation (with this layer's safety check). Returns the final weight, its
+    mask (a gradual update may re-choose it) and a bias shift (or None); writes ``record["update"]``
+    (when an update is configured) and ``record["compensation"]``.
 
-    Whether a compensation runs is decided here and in ``compensate`` only, and the record says why
-    where it does not (no tokens reached the weight; a bias compensation on a layer without a bias)."""
+    Whether a step runs is decided here (and in ``compensate``) only, and the record says why where it
+    does not (no tokens reached the weight; a bias compensation on a layer without a bias)."""
+    update = config.resolve("update")
+    if update != "none":
+        if stats is None:
+            record["update"] = {"kind": update, "applied": False, "reason": NO_TOKENS}
+        else:
+            method = get_method(config.method) if method is None else method
+            sparsity = config.effective_sparsity if sparsity is None else sparsity
+            pruned, record["update"] = update_layer(target.name, w0, pruned, stats, config, method, sparsity)
     kind = config.resolved_compensation()
     if kind == "none":
         record["compensation"] = {"kind": "none", "applied": False}
-        return pruned.weight, None
+        return pruned.weight, pruned.mask, None
     if stats is None and config.statistics:
         record["compensation"] = {"kind": kind, "applied": False, "reason": NO_TOKENS}
-        return pruned.weight, None
+        return pruned.weight, pruned.mask, None
     layer_check = config.resolve("safety_check") and config.resolve("safety_scope") == "layer"
     result = compensate(
         w0, pruned.mask, kind, stats.channel if stats is not None else None,
@@ -114,7 +129,7 @@ def after_mask(
         bias = target.bias.detach().clone() if target.bias is not None else None
         uncompensated.append(Uncompensated(target, pruned.weight, bias, result.record))
     record["compensation"] = result.record
-    return result.weight, result.bias_delta
+    return result.weight, pruned.mask, result.bias_delta
 
 
 def _shift_bias(target: Target, delta: torch.Tensor) -> None:

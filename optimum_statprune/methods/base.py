@@ -102,7 +102,8 @@ class Method:
       every config (a bad value is wrong whichever method is chosen), ``validate`` checks the rules that
       hold only when this method runs (e.g. SparseGPT refuses a compensation).
     - ``updates_weights``: whether ``prune_layer`` changes surviving weights (then the config's
-      compensation, which assumes ``original * mask``, is refused).
+      compensation, which assumes ``original * mask``, and the config's weight update are refused).
+    - ``column_factor``: how the weight update's gradual mask re-ranks weights in this method's score.
     """
 
     name: str = ""
@@ -129,6 +130,18 @@ class Method:
         config's N:M pattern, from the statistics in ``needs`` (``stats`` is None when ``needs`` is empty).
         ``name`` is the layer's, for messages."""
         raise NotImplementedError(f"{type(self).__name__} does not implement prune_layer")
+
+    def column_factor(
+        self, weight: torch.Tensor, stats: LayerStatistics | None, config: StatPruneConfig,
+    ) -> torch.Tensor | None:
+        """Per input column ``c_j`` (float32 ``[d_in]``, on the weight's device) such that this method ranks
+        the weights of a row like ``|W_ij| * c_j``, or None where its score has no such form.
+
+        The weight update's gradual mask (``update_mask_steps``) re-chooses the mask from the updated
+        weights during its first iterations; with a factor it ranks them in this method's own score, so
+        the mask stays the method's. With None it ranks by ``|W_ij| * ||X_j||`` (Wanda's score, the
+        update's natural scale). ``stats`` holds the method's statistics (and the update's ``X^T X``)."""
+        return None
 
     def __repr__(self) -> str:
         return f"<method {self.name!r}>"

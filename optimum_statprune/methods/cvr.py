@@ -57,6 +57,21 @@ class CVR(ScoreMethod):
             config.resolve("weight_stat_axis"), config.resolve("activation_stat"), config.resolve("activation_power"),
         )
 
+    def column_factor(self, weight, stats, config) -> torch.Tensor:
+        """``A_j^(p/2) (sigma_W(j)^2 + eps)^(-alpha/2)``, the dispersion of the dense weight's columns: exact
+        for ``weight_stat_axis="column"``. With ``"row"`` the activation part only (a per-row factor does
+        not change the ranking inside a row; with ``group="layer"`` this is an approximation)."""
+        import torch
+
+        from ..tensor_math.scores import weight_dispersion
+
+        ch = channel_stats(stats, self.name)
+        a = ch.variance if config.resolve("activation_stat") == "variance" else ch.second_moment
+        c = a.pow(config.resolve("activation_power") / 2).to(weight.device, torch.float32)
+        if config.resolve("weight_stat_axis") == "column":
+            c = c * (weight_dispersion(weight, "column") + config.eps).pow(-config.resolve("alpha") / 2)
+        return c
+
 
 register(CVR("cvr", {}, "the paper's variance-calibrated score"))
 register(CVR("statprune", STATPRUNE_PRESET, "CVR as tuned on protocol A, with activation-energy compensation"))

@@ -20,5 +20,10 @@ class Magnitude(ScoreMethod):
 
         return magnitude_score(weight)
 
+    def column_factor(self, weight, stats, config) -> torch.Tensor:
+        import torch
+
+        return torch.ones(weight.shape[1], dtype=torch.float32, device=weight.device)
+
 
 register(Magnitude())

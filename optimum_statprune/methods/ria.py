@@ -25,5 +25,14 @@ class RIA(ScoreMethod):
 
         return ria_score(weight, channel_stats(stats, self.name), config.ria_power)
 
+    def column_factor(self, weight, stats, config) -> torch.Tensor:
+        """The activation part ``||X_j||^a`` only: the relative-importance term divides by row and column
+        sums of ``|W|``, which the update changes, so it is not a fixed per-column factor. Re-ranking by the
+        activation part gave the best results of all on protocol A
+        (benchmarks/results/update-protocolA-h200.md)."""
+        import torch
+
+        return channel_stats(stats, self.name).norm.pow(config.ria_power).to(weight.device, torch.float32)
+
 
 register(RIA())

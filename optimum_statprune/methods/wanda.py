@@ -21,5 +21,10 @@ class Wanda(ScoreMethod):
 
         return wanda_score(weight, channel_stats(stats, self.name))
 
+    def column_factor(self, weight, stats, config) -> torch.Tensor:
+        import torch
+
+        return channel_stats(stats, self.name).norm.to(weight.device, torch.float32)
+
 
 register(Wanda())

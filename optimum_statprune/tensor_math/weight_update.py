@@ -37,9 +37,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .masks import make_mask, prune_count
-from .scores import weight_dispersion
 from .sparsegpt import HessianAccumulator
-from .stats import ChannelStats, token_rows
+from .stats import token_rows
 
 # Token rows multiplied per chunk. Bounds the transient cast copy; the product itself is fp32.
 _CHUNK_TOKENS = 8192
@@ -135,32 +134,6 @@ class GradualMask:
 
     def mask_at(self, t: int, scores: torch.Tensor) -> torch.Tensor:
         return make_mask(scores, self.sparsity_at(t), self.pattern, self.group)
-
-
-def score_column_factor(method: str, weight: torch.Tensor, stats: ChannelStats, config) -> torch.Tensor:
-    """Per input column ``c_j`` (float32, on the weight's device) with ``score_ij = |W_ij| c_j`` for the
-    mask method, so a ``GradualMask`` can re-rank the ADMM iterate in that method's score.
-
-    Exact for the column-separable scores: magnitude (1), Wanda (``||X_j||``), CVR/statprune with
-    ``weight_stat_axis="column"`` (``A_j^(p/2) (sigma_W(j)^2 + eps)^(-alpha/2)``, the dispersion taken
-    from the dense weight). RIA's relative-importance term is not separable: its activation part
-    ``||X_j||^ria_power`` is used (on protocol A that re-ranking gave the best results of all). CVR with
-    ``weight_stat_axis="row"`` uses its activation part (a per-row factor does not change a row's ranking).
-    ``config`` is a ``StatPruneConfig`` (its ``resolve``d preset fields are read)."""
-    dev = weight.device
-    if method == "magnitude":
-        return torch.ones(weight.shape[1], device=dev)
-    if method == "wanda":
-        return stats.norm.to(dev, torch.float32)
-    if method == "ria":
-        return stats.norm.pow(config.ria_power).to(dev, torch.float32)
-    if method not in ("cvr", "statprune"):
-        raise ValueError(f"no column factor for mask method {method!r}")
-    a = stats.variance if config.resolve("activation_stat") == "variance" else stats.second_moment
-    c = a.pow(config.resolve("activation_power") / 2).to(dev, torch.float32)
-    if config.resolve("weight_stat_axis") == "column":
-        c = c * (weight_dispersion(weight, "column") + config.eps).pow(-config.resolve("alpha") / 2)
-    return c
 
 
 # ---------------------------------------------------------------------------------------------- update
