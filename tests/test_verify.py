@@ -96,7 +96,8 @@ def test_one_changed_weight_is_caught_by_its_hash(nm):
     _rewrite(nm, KEY, nudge)
     report = verify(nm)
     assert not report.ok
-    assert [(m.layer, m.kind) for m in report.mismatches] == [(LAYER, "sha256")]
+    # the layer's own record and, with a schema-2 manifest, the tensor's entry both see it
+    assert {(m.layer, m.kind) for m in report.mismatches} == {(LAYER, "sha256"), (KEY, "sha256")}
     assert "FAILED" in str(report) and LAYER in str(report)
     assert verify(nm, hashes=False).ok  # the pattern itself is still exact
 
@@ -133,8 +134,10 @@ def test_a_missing_tensor_and_a_wrong_shape_are_caught(nm):
     del tensors[KEY]
     tensors["model.layers.0.self_attn.q_proj.weight"] = tensors["model.layers.0.self_attn.q_proj.weight"][:32]
     save_file(tensors, shard, metadata={"format": "pt"})
-    kinds = {(m.layer, m.kind) for m in verify(nm).mismatches}
-    assert kinds == {(LAYER, "missing-tensor"), ("model.layers.0.self_attn.q_proj", "shape")}
+    found = {(m.layer, m.kind) for m in verify(nm).mismatches}
+    assert {(LAYER, "missing-tensor"), ("model.layers.0.self_attn.q_proj", "shape")} <= found
+    # schema 2 also sees the rewritten file and tensor, and nothing else
+    assert {kind for _, kind in found} <= {"missing-tensor", "shape", "sha256", "size"}
 
 
 def test_a_fine_tuned_copy_is_checked_against_the_original_manifest(nm, tmp_path):
@@ -239,6 +242,11 @@ def test_schema_2_a_fine_tuned_copy_without_hashes(sharded2, tmp_path):
 
 
 def test_schema_1_warns_that_other_tensors_are_not_covered(unstructured):
+    manifest = json.loads((unstructured / MANIFEST_NAME).read_text())
+    for key in ("tensors", "files"):  # what a manifest written before schema 2 lacks
+        manifest.pop(key, None)
+    manifest["schema_version"] = 1
+    (unstructured / MANIFEST_NAME).write_text(json.dumps(manifest))
     flip_byte(unstructured, "model.norm.weight")
     report = verify(unstructured)
     assert report.ok and report.schema == 1  # what a schema-1 manifest cannot see
@@ -292,5 +300,5 @@ def test_schema_2_a_truncated_shard_and_a_stale_one(sharded2):
     report = verify(sharded2)
     found = {(m.layer, m.kind) for m in report.mismatches}
     assert (shard.name, "size") in found and ("model-00009-of-00009.safetensors", "unexpected-file") in found
-    assert {m.kind for m in report.mismatches} <= {"size", "unexpected-file", "unreadable"}
+    assert {m.kind for m in report.mismatches} <= {"size", "unexpected-file", "unreadable", "missing-tensor"}
     assert any(m.kind == "unreadable" for m in report.mismatches)
