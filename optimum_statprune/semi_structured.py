@@ -1,9 +1,11 @@
 """Run a 2:4-pruned model on sparse tensor cores: its block linears as ``torch.sparse`` semi-structured tensors.
 
-Opt-in, because on this stack it pays only for large calls: on an H200 (torch 2.11, cuSPARSELt) the sparse
-matmul is slower than dense fp16 up to a few thousand tokens per call and faster only beyond
-(docs/performance.md, ``benchmarks/semi_structured.py``). Prefill of long batches gains; token-by-token
-decode loses. The conversion is exact: the same products, computed from the compressed weight.
+Opt-in, because on this stack it pays only for large calls replayed from CUDA graphs: on an H200 (torch
+2.11, cuSPARSELt) every eager sparse call carries ~1 ms of per-call setup, so eager use is always slower
+than dense fp16; replayed from a CUDA graph the sparse matmul is 0.71-0.85x dense from 2048 tokens per call
+and slower below a few hundred (docs/performance.md, ``benchmarks/semi_structured.py``). Long prefill under
+graphs gains; token-by-token decode loses. The conversion is exact: the same products, from the
+compressed weight.
 """
 
 from __future__ import annotations
