@@ -24,7 +24,12 @@ import pytest
 import torch
 from tiny_models import build, tiny_tokenizer
 
-from optimum_statprune import StatPruneConfig, cli
+from optimum_statprune import StatPruneConfig, cli, loading
+from optimum_statprune.cli import config_flags, demo, models
+from optimum_statprune.cli import prune as prune_command
+from optimum_statprune.cli.compare import add_compare_arguments
+from optimum_statprune.cli.errors import UsageError
+from optimum_statprune.cli.prune import add_prune_arguments
 from optimum_statprune.config import CONFIG_NAME
 from optimum_statprune.sharing.manifest import MANIFEST_NAME
 
@@ -79,28 +84,28 @@ def _one_error_line(capsys) -> str:
 # ------------------------------------------------------------------------------------------------ the parser
 def test_every_config_field_has_a_flag():
     parser = argparse.ArgumentParser()
-    cli.add_prune_arguments(parser)
+    add_prune_arguments(parser)
     options = {s for action in parser._actions for s in action.option_strings}
     compare = argparse.ArgumentParser()
-    cli.add_compare_arguments(compare)
+    add_compare_arguments(compare)
     compare_options = {s for action in compare._actions for s in action.option_strings}
     for f in fields(StatPruneConfig):
         if f.name == "schema_version":
             continue
-        assert cli.flag_for(f.name) in options, f.name
+        assert config_flags.flag_for(f.name) in options, f.name
         if f.name not in ("method", "pattern"):  # compare takes --methods / --patterns instead
-            assert cli.flag_for(f.name) in compare_options, f.name
+            assert config_flags.flag_for(f.name) in compare_options, f.name
     assert {"--config", "--dtype", "--gguf-file", "--eval", "--eval-windows", "--debug", "--overwrite"} <= options
 
 
 def test_flags_parse_to_config_values(tmp_path):
     parser = argparse.ArgumentParser()
-    cli.add_prune_arguments(parser)
+    add_prune_arguments(parser)
     args = parser.parse_args(
         ["--model", "m", "--output", "o", "--ec-clamp", "1", "3", "--ignore", "mlp", "q_proj", "--no-safety-check",
          "--sparsity", "0.6", "--alpha", "0", "--seqlen", "128", "--compensation", "ec", "--targets", "self_attn"]
     )  # fmt: skip
-    config = cli.build_config(args)
+    config = config_flags.build_config(args)
     assert config.ec_clamp == (1.0, 3.0)
     assert config.ignore == ["mlp", "q_proj"]
     assert config.targets == ["self_attn"]
@@ -114,8 +119,8 @@ def test_a_field_of_unknown_type_fails_loudly(monkeypatch):
     hints = typing.get_type_hints(StatPruneConfig)
     f = next(f for f in fields(StatPruneConfig) if f.name == "alpha")
     with pytest.raises(TypeError, match="no command-line mapping"):
-        cli._field_argument_kwargs(f, dict[str, int])
-    assert cli._field_argument_kwargs(f, hints["alpha"])["type"] is float
+        config_flags.field_argument_kwargs(f, dict[str, int])
+    assert config_flags.field_argument_kwargs(f, hints["alpha"])["type"] is float
 
 
 def test_help_lists_the_subcommands(capsys):
@@ -178,9 +183,9 @@ def test_existing_output_is_refused_before_any_work(capsys, monkeypatch, model_d
     def forbidden(*args, **kwargs):
         raise AssertionError("no model or data may be loaded before the output directory is checked")
 
-    monkeypatch.setattr(cli, "load_model_config", forbidden)
-    monkeypatch.setattr(cli, "load_source", forbidden)
-    monkeypatch.setattr(cli, "make_pruner", forbidden)
+    monkeypatch.setattr(models, "load_model_config", forbidden)
+    monkeypatch.setattr(prune_command, "load_source", forbidden)
+    monkeypatch.setattr(models, "make_pruner", forbidden)
     code = cli.main(["prune", "--model", str(model_dir), "--output", str(out), "--calibration", str(corpus)])
     assert code == 2
     line = _one_error_line(capsys)
@@ -329,7 +334,7 @@ def test_compare_writes_json_and_png(capsys, model_dir, corpus, tmp_path):
 def test_compare_png_without_matplotlib_is_refused_up_front(capsys, monkeypatch, model_dir, tmp_path):
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real_find_spec(name, *a))
-    monkeypatch.setattr(cli, "load_model_config", lambda *a: pytest.fail("matplotlib must be checked first"))
+    monkeypatch.setattr(models, "load_model_config", lambda *a: pytest.fail("matplotlib must be checked first"))
     code = cli.main(["compare", "--model", str(model_dir), "--png", str(tmp_path / "x.png")])
     assert code == 1
     assert "pip install matplotlib" in _one_error_line(capsys)
@@ -344,29 +349,29 @@ def test_compare_rejects_unknown_methods_and_patterns(capsys, model_dir):
 
 def test_restore_undoes_pruning_and_added_biases():
     model = build("llama")
-    dense = cli._snapshot(model)
+    dense = loading.snapshot_weights(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     proj = model.model.layers[0].self_attn.q_proj
     with torch.no_grad():
         proj.weight.zero_()
     proj.bias = torch.nn.Parameter(torch.ones(proj.out_features))
-    cli._restore(model, dense)
+    loading.restore_weights(model, dense)
     assert proj.bias is None
     after = model.state_dict()
     assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
 
 
 def test_gguf_models_load_dequantized_and_quantized_models_are_refused():
-    ref = cli.ModelRef("dir", "model.gguf", "dir", True)
-    kwargs = cli._loading_kwargs(argparse.Namespace(dtype="float32"), ref)
+    ref = loading.ModelRef("dir", "model.gguf", "dir", True)
+    kwargs = loading.loading_kwargs(ref, "float32")
     assert kwargs["gguf_file"] == "model.gguf" and kwargs["dtype"] == "float32"
-    gguf_config = cli._gguf_dequantize_config()
+    gguf_config = loading.gguf_dequantize_config()
     if gguf_config is not None:  # transformers versions that load GGUF through a quantizer
         assert kwargs["quantization_config"].dequantize is True
     quantized = argparse.Namespace(quantization_config={"quant_method": "gptq"})
-    with pytest.raises(cli.UsageError, match=r"quantized \(gptq\)"):
-        cli._require_dense(quantized, ref)
-    cli._require_dense(argparse.Namespace(), ref)  # a dense config passes
+    with pytest.raises(UsageError, match=r"quantized \(gptq\)"):
+        models.require_dense(quantized, ref)
+    models.require_dense(argparse.Namespace(), ref)  # a dense config passes
 
 
 # ------------------------------------------------------------------------------------------------ demo
@@ -400,7 +405,7 @@ def test_demo_runs_protocol_a_through_prune(monkeypatch, tmp_path):
     assert (args.model, args.calibration, args.eval, args.eval_windows, args.dtype) == (
         "smollm2-135m", "lee-background", "enwiki-excerpt", 64, "float32"
     )  # fmt: skip
-    config = cli.build_config(args)
+    config = config_flags.build_config(args)
     assert (config.method, config.sparsity, config.pattern, config.nsamples, config.seqlen, config.seed) == (
         "statprune", 0.5, "unstructured", 8, 512, 0
     )  # fmt: skip
