@@ -509,3 +509,34 @@ def test_logging_is_restored_after_a_command(capsys, tmp_path):
     cli.main(["prune", "--model", str(tmp_path / "missing"), "--output", str(tmp_path / "o")])
     capsys.readouterr()
     assert package_logger.handlers == handlers and package_logger.level == level
+
+
+def test_quiet_silences_datasets_progress_bars_and_restores_them(capsys, model_dir, tmp_path):
+    """`--calibration FILE.jsonl` is read through datasets, whose "Generating train split" bar is drawn
+    without --quiet and not with it; afterwards the libraries' switches are as they were."""
+    from datasets import utils as ds_utils
+    from huggingface_hub import utils as hub_utils
+
+    def prune(name: str, *extra: str) -> str:
+        data = tmp_path / f"{name}.jsonl"
+        data.write_text("".join(json.dumps({"text": " ".join("abcdefghij")}) + "\n" for _ in range(40)), encoding="utf-8")
+        argv = ["prune", "--model", str(model_dir), "--output", str(tmp_path / name), "--calibration", str(data),
+                "--method", "wanda", "--nsamples", "2", "--seqlen", "16", *extra]  # fmt: skip
+        assert cli.main(argv) == 0
+        return capsys.readouterr().err
+
+    assert "Generating train split" in prune("loud")
+    assert "Generating train split" not in prune("quiet", "--quiet")
+    assert not ds_utils.are_progress_bars_disabled() and not hub_utils.are_progress_bars_disabled()
+
+
+def test_field_metadata_help_and_choices_win_over_the_tables():
+    """When config.py states help/choices in a field's metadata, the generated flag uses them."""
+    import dataclasses
+
+    f = dataclasses.field(default="row", metadata={"help": "from the field", "choices": ("row", "layer")})
+    f.name = "group"
+    kwargs = config_flags.field_argument_kwargs(f, str)
+    assert kwargs["help"] == "from the field; one of row, layer (default: row)"
+    plain = next(x for x in fields(StatPruneConfig) if x.name == "group")
+    assert config_flags.field_help(plain) == (plain.metadata.get("help") or config_flags.FIELD_HELP["group"])
