@@ -409,7 +409,7 @@ def test_demo_prunes_wanda_and_statprune_side_by_side(capsys, monkeypatch, model
     result = json.loads(summary.read_text())
     assert [r["method"] for r in result["rows"]] == ["dense", "wanda", "statprune"]
     assert all(r["perplexity"] > 1 for r in result["rows"])
-    assert list(result["stage_seconds"]) == stages
+    assert list(result["stage_seconds"]) == stages == list(result["stage_cpu_seconds"])
     assert result["settings"] == {"nsamples": 4, "seqlen": 32, "eval_windows": 2} and result["dtype"] == "bfloat16"
 
     manifest = json.loads((out / MANIFEST_NAME).read_text())
@@ -446,7 +446,7 @@ def test_demo_settings_quick_full_and_explicit():
 def test_demo_summary_quotes_the_protocol_a_reference(capsys, full):
     rows = [{"method": "dense", "perplexity": 22.5, "seconds": None}, {"method": "wanda", "perplexity": 52.4, "seconds": 60.0},
             {"method": "statprune", "perplexity": 50.8, "seconds": 90.0}]  # fmt: skip
-    demo.print_demo_summary(rows, demo.PROTOCOL_A, 512, 64, 64, full, "out dir", "bfloat16", 299.0, "optimum-statprune demo")
+    demo.print_demo_summary(rows, demo.PROTOCOL_A, full, "out dir", "bfloat16", 299.0, "optimum-statprune demo")
     out = capsys.readouterr().out
     assert all(number in out for number in ("22.46", "52.32", "50.74"))
     assert ("| statprune | 50.80 | +126% | 90 | 50.74 |" in out) is full

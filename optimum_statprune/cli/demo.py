@@ -11,7 +11,6 @@ a few minutes on a laptop CPU; ``--full`` runs protocol A itself and prints the 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.metadata
 import importlib.util
 import math
@@ -19,10 +18,11 @@ import os
 import shlex
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from ..config import StatPruneConfig
-from ..loading import restore_weights, snapshot_weights
+from ..loading import ModelRef, loading_kwargs, restore_weights, snapshot_weights
 from . import models
 from .checks import check_device, check_output_dir, check_output_file, positive
 from .errors import CLIError, install_one_line_errors
@@ -105,19 +105,24 @@ class Stages:
     def __init__(self, names: list[str], quiet: bool):
         from tqdm.auto import tqdm
 
-        self.bar = tqdm(total=len(names), desc="demo", unit="stage", disable=quiet, position=0, leave=True)
+        self.bar = tqdm(total=len(names), desc="demo", disable=quiet, position=0, leave=True,
+                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} stages [{elapsed}{postfix}]")  # fmt: skip
         self.seconds: dict[str, float] = {}
+        self.cpu_seconds: dict[str, float] = {}
+        """Process CPU time per stage: on a shared machine it says what the stage costs when idle."""
 
     def run(self, name: str, work: Callable[[], Any]) -> Any:
         self.bar.set_postfix_str(name, refresh=True)
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         result = work()
         self.seconds[name] = time.perf_counter() - started
+        self.cpu_seconds[name] = time.process_time() - cpu
         self.bar.update(1)
         return result
 
     def close(self) -> None:
-        self.bar.set_postfix_str("done", refresh=True)
+        if self.bar.n == self.bar.total:
+            self.bar.set_postfix_str("done", refresh=True)
         self.bar.close()
 
 
@@ -138,33 +143,48 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise CLIError("the offline demo needs packages that are not installed: " + " && ".join(missing))
     output = check_output_dir(args.output, args.overwrite)
     ref = models.resolve_model(DEMO_MODEL)
-    cal_texts = load_source(DEMO_CALIBRATION, "--calibration")
-    eval_texts = load_source(DEMO_EVAL, "--eval")
     quiet_libraries()
+    stages = Stages(list(stage_names(DEMO_METHODS)), args.quiet)
+    try:
+        rows, saved, dtype, windows = run_stages(args, ref, settings, output, stages)
+    finally:
+        stages.close()
+    total = time.perf_counter() - started
+    print_demo_summary(rows, settings | windows, args.full, saved, dtype, total, args._prog)
+    if args.json:
+        write_json(args.json, {"model": ref.label, "settings": settings | windows, "full": args.full, "rows": rows,
+                               "output": saved, "dtype": dtype, "stage_seconds": stages.seconds, "stage_cpu_seconds": stages.cpu_seconds,
+                               "total_seconds": total})  # fmt: skip
+    return 0
 
+
+def run_stages(
+    args: argparse.Namespace, ref: ModelRef, settings: dict[str, int], output: Path, stages: Stages
+) -> tuple[list[dict[str, Any]], str, str, dict[str, int]]:
+    """Load, tokenize, measure dense, prune and measure each method from the same dense weights, save the
+    last (statprune) one. Returns the rows, where and in which dtype it was saved, and the window counts
+    and length actually used."""
     from ..data.texts import calibration_windows, evaluation_windows
     from ..pruner import StatPruner
 
-    configs = [StatPruneConfig(method=m, sparsity=0.5, pattern="unstructured", nsamples=settings["nsamples"],
-                               seqlen=settings["seqlen"], seed=0) for m in DEMO_METHODS]  # fmt: skip
-    stages = Stages(list(stage_names(DEMO_METHODS)), args.quiet)
-    show = not args.quiet
-
     def load() -> tuple[Any, Any]:
         tokenizer = models.load_tokenizer(ref, args, required=True)
-        pruner = StatPruner.from_pretrained(ref.path, config=configs[0], tokenizer=tokenizer, device=args.device,
-                                            **_compute_loading(ref))  # fmt: skip
+        config = StatPruneConfig(method=DEMO_METHODS[0])
+        # Pruning and perplexity run in float32 (a GGUF is dequantized to it anyway).
+        pruner = StatPruner.from_pretrained(ref.path, config=config, tokenizer=tokenizer, device=args.device,
+                                            **loading_kwargs(ref, "float32"))  # fmt: skip
         return models.loaded_model(pruner, ref), tokenizer
 
     model, tokenizer = stages.run("load", load)
     seqlen = models.resolve_seqlen(settings["seqlen"], model)
-    cal_ids, eval_ids = stages.run(
-        "calibration and evaluation tokens",
-        lambda: (
-            calibration_windows(cal_texts, tokenizer, settings["nsamples"], seqlen, 0),
-            evaluation_windows(eval_texts, tokenizer, seqlen, settings["eval_windows"]),
-        ),
-    )
+
+    def tokens() -> tuple[Any, Any]:
+        cal_texts = load_source(DEMO_CALIBRATION, "--calibration")  # the first run extracts and caches the excerpt
+        eval_texts = load_source(DEMO_EVAL, "--eval")
+        return (calibration_windows(cal_texts, tokenizer, settings["nsamples"], seqlen, 0),
+                evaluation_windows(eval_texts, tokenizer, seqlen, settings["eval_windows"]))  # fmt: skip
+
+    cal_ids, eval_ids = stages.run("calibration and evaluation tokens", tokens)
 
     def ppl() -> float:
         return models.measure_perplexity(model, eval_ids, args, 1)
@@ -172,57 +192,46 @@ def cmd_demo(args: argparse.Namespace) -> int:
     rows: list[dict[str, Any]] = [{"method": "dense", "perplexity": stages.run("perplexity dense", ppl), "seconds": None}]
     dense_state = snapshot_weights(model)
     pruner = None
-    for i, config in enumerate(configs):
+    for i, method in enumerate(DEMO_METHODS):
         if i:
             restore_weights(model, dense_state)
-        config = dataclasses.replace(config, seqlen=seqlen)
+        config = StatPruneConfig(method=method, sparsity=0.5, pattern="unstructured", nsamples=int(cal_ids.shape[0]),
+                                 seqlen=seqlen, seed=0)  # fmt: skip
         pruner = StatPruner(model, config, tokenizer, args.device)
         t0 = time.perf_counter()
-        stages.run(f"prune {config.method}", lambda p=pruner: p.prune(cal_ids, progress=show))
+        stages.run(f"prune {method}", lambda p=pruner: p.prune(cal_ids, progress=not args.quiet))
         seconds = time.perf_counter() - t0
-        rows.append({"method": config.method, "perplexity": stages.run(f"perplexity {config.method}", ppl), "seconds": seconds})
+        rows.append({"method": method, "perplexity": stages.run(f"perplexity {method}", ppl), "seconds": seconds})
     del dense_state
 
-    save_dtype = _save_dtype(args.dtype, ref)
+    dtype = save_dtype(args.dtype, ref)
     evaluation = {"source": DEMO_EVAL, "windows": int(eval_ids.shape[0]), "seqlen": seqlen,
                   "dense_perplexity": rows[0]["perplexity"], "pruned_perplexity": rows[-1]["perplexity"]}  # fmt: skip
 
     def save() -> str:
         import torch
 
-        model.to(getattr(torch, save_dtype))
+        model.to(getattr(torch, dtype))
         saved = pruner.save_pretrained(output, overwrite=args.overwrite)
         record_evaluation(saved, evaluation)
         return saved
 
     saved = stages.run("save", save)
-    stages.close()
-    total = time.perf_counter() - started
-    print_demo_summary(rows, settings, seqlen, int(cal_ids.shape[0]), int(eval_ids.shape[0]), args.full, saved, save_dtype, total,
-                       args._prog)  # fmt: skip
-    if args.json:
-        write_json(args.json, {"model": ref.label, "settings": settings | {"seqlen": seqlen}, "full": args.full, "rows": rows,
-                               "output": saved, "dtype": save_dtype, "stage_seconds": stages.seconds, "total_seconds": total})  # fmt: skip
-    return 0
+    windows = {"nsamples": int(cal_ids.shape[0]), "seqlen": seqlen, "eval_windows": int(eval_ids.shape[0])}
+    return rows, saved, dtype, windows
 
 
-def _compute_loading(ref: Any) -> dict[str, Any]:
-    """Pruning and perplexity run in float32 (a GGUF is dequantized to it anyway)."""
-    from ..loading import loading_kwargs
-
-    return loading_kwargs(ref, "float32")
-
-
-def _save_dtype(requested: str, ref: Any) -> str:
+def save_dtype(requested: str, ref: ModelRef) -> str:
     """``--dtype``, or the source model's own dtype (``auto``), else float32 (what was computed in)."""
     if requested != "auto":
         return requested
     return ref.source_dtype or "float32"
 
 
-def print_demo_summary(rows: list[dict[str, Any]], settings: dict[str, int], seqlen: int, n_cal: int, n_eval: int, full: bool,
-                       saved: str, dtype: str, seconds: float, prog: str) -> None:  # fmt: skip
+def print_demo_summary(rows: list[dict[str, Any]], settings: dict[str, int], full: bool, saved: str, dtype: str, seconds: float,
+                       prog: str) -> None:  # fmt: skip
     """The side-by-side table, where the model went, and the commands to evaluate, verify and push it."""
+    n_cal, seqlen, n_eval = settings["nsamples"], settings["seqlen"], settings["eval_windows"]
     dense = rows[0]["perplexity"]
     header = "| model | perplexity | vs dense | pruning s |" + (" protocol A reference |" if full else "")
     lines = [
