@@ -540,3 +540,14 @@ def test_field_metadata_help_and_choices_win_over_the_tables():
     assert kwargs["help"] == "from the field; one of row, layer (default: row)"
     plain = next(x for x in fields(StatPruneConfig) if x.name == "group")
     assert config_flags.field_help(plain) == (plain.metadata.get("help") or config_flags.FIELD_HELP["group"])
+
+
+def test_too_little_calibration_text_is_a_usage_error(capsys, model_dir, tmp_path):
+    """A DataError raised after loading (here: fewer tokens than one window) is exit status 2, one line."""
+    short = tmp_path / "short.txt"
+    short.write_text("a b c d e", encoding="utf-8")
+    argv = ["prune", "--model", str(model_dir), "--output", str(tmp_path / "o"), "--calibration", str(short),
+            "--method", "wanda", "--seqlen", "32", "--quiet"]  # fmt: skip
+    assert cli.main(argv) == 2
+    line = _one_error_line(capsys)
+    assert "calibration_windows: the text has" in line and "seqlen=32" in line and "DataError" not in line
