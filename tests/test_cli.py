@@ -446,7 +446,8 @@ def test_demo_settings_quick_full_and_explicit():
 def test_demo_summary_quotes_the_protocol_a_reference(capsys, full):
     rows = [{"method": "dense", "perplexity": 22.5, "seconds": None}, {"method": "wanda", "perplexity": 52.4, "seconds": 60.0},
             {"method": "statprune", "perplexity": 50.8, "seconds": 90.0}]  # fmt: skip
-    demo.print_demo_summary(rows, demo.PROTOCOL_A, full, "out dir", "bfloat16", 299.0, "optimum-statprune demo")
+    settings = demo.PROTOCOL_A if full else demo.DEMO_DEFAULTS
+    demo.print_demo_summary(rows, settings, "out dir", "bfloat16", 299.0, "optimum-statprune demo")
     out = capsys.readouterr().out
     assert all(number in out for number in ("22.46", "52.32", "50.74"))
     assert ("| statprune | 50.80 | +126% | 90 | 50.74 |" in out) is full

