@@ -1,4 +1,4 @@
-"""Protocol A (DESIGN.md §3): perplexity of SmolLM2-135M pruned by every method, on one set of tokens.
+"""Protocol A (docs/protocols.md): perplexity of SmolLM2-135M pruned by every method, on one set of tokens.
 
     python benchmarks/quality.py --json quality.json                # every method x 50%, 4:8, 2:4
     python benchmarks/quality.py --runs '[{"method": "cvr", "alpha": 0.5}]' --patterns unstructured

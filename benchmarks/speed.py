@@ -1,4 +1,4 @@
-"""Speed protocol (DESIGN.md §3): random-weight models with real shapes, pruned shard to shard.
+"""Speed protocol (docs/protocols.md): random-weight models with real shapes, pruned shard to shard.
 
     python benchmarks/speed.py --shapes llama2-7b --methods magnitude,wanda,statprune,sparsegpt \
         --workdir /tmp/speed --json speed.json [--peer-python python3 --peer-path /tmp/peer]

@@ -1,4 +1,4 @@
-"""The protocol-A sweep that chooses the ``statprune`` preset's defaults (DESIGN.md §1b′, §3).
+"""The protocol-A sweep that chooses the ``statprune`` preset's defaults (docs/method.md, docs/protocols.md).
 
     python benchmarks/sweep.py --state sweep.json --calibration-tokens calib.safetensors \
         --eval-tokens eval.safetensors                # resumable: finished runs are skipped

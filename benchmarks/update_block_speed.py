@@ -26,7 +26,8 @@ import torch
 
 from optimum_statprune.tensor_math.masks import make_mask
 from optimum_statprune.tensor_math.sparsegpt import HessianAccumulator
-from optimum_statprune.tensor_math.weight_update import GramAccumulator, masked_reconstruction
+from optimum_statprune.tensor_math.stats import GramAccumulator
+from optimum_statprune.tensor_math.weight_update import masked_reconstruction
 
 
 def timed(fn, repeats: int) -> tuple[float, object]:

@@ -20,6 +20,7 @@ from .engine.biases import declare_added_biases
 from .engine.loop import CalibrationBatch, PruneReport, default_device, iter_batches, prune_model
 from .engine.offload import stored_weight
 from .engine.targets import find_blocks, find_targets
+from .loading import gguf_dequantize_config
 from .sharing.manifest import (
     MANIFEST_NAME,
     build_manifest,
@@ -362,22 +363,6 @@ class StatPruner(OptimumQuantizer):
             raise
         logger.info("saved pruned model to %s", save_dir)
         return str(given)
-
-
-def gguf_dequantize_config() -> Any:
-    """``GgufConfig(dequantize=True)`` on transformers versions that load GGUF through a quantizer.
-
-    Without it those versions keep the model marked as quantized (``save_pretrained`` then refuses
-    it) or, with the ``kernels`` package installed, keep the weights packed where nothing can prune
-    them. Older versions (5.17) always dequantize and have no ``GgufConfig``: ``None`` then."""
-    try:
-        from transformers.utils.quantization_config import GgufConfig
-    except ImportError:
-        return None
-    try:
-        return GgufConfig(dequantize=True)
-    except TypeError:  # pragma: no cover - a GgufConfig without the option
-        return None
 
 
 def _hub_id(name: Any) -> str | None:

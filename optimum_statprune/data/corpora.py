@@ -1,7 +1,7 @@
 """The two offline corpora of protocol A, rebuilt from the ``gensim==4.4.0`` wheel on PyPI.
 
 Machines without internet can still install a wheel, so the calibration and evaluation texts are
-derived from data files that ship inside gensim (see ``shared/data/README.md``):
+derived from data files that ship inside gensim (``docs/protocols.md`` states sources and licences):
 
 - ``"lee-background"``: ``gensim/test/test_data/lee_background.cor`` unchanged (300 ABC news
   articles, one per line).
@@ -13,7 +13,7 @@ derived from data files that ship inside gensim (see ``shared/data/README.md``):
 Where the text comes from, first match wins:
 
 1. ``data_dir=`` or the ``OPTIMUM_STATPRUNE_DATA_DIR`` environment variable: a directory holding
-   ``enwiki_excerpt.txt`` / ``lee_background.txt`` (such as ``shared/data``), read directly;
+   ``enwiki_excerpt.txt`` / ``lee_background.txt`` (a copy made earlier), read directly;
 2. the cache (``cache_dir=``, ``OPTIMUM_STATPRUNE_CACHE``, else ``$XDG_CACHE_HOME/optimum_statprune``
    or ``~/.cache/optimum_statprune``), written atomically after the first extraction;
 3. the installed gensim package (found through ``importlib.metadata``, without importing gensim for
@@ -31,7 +31,7 @@ import os
 from pathlib import Path
 
 from ..checkpoint.atomic import atomic_write_text
-from .texts import DataError
+from .errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ EXPECTED_SHA256 = {
     "enwiki-excerpt": "62cafa641cb8e4c11dc56cd405b57ce5ec776c0074372e359840b060c819d340",
     "lee-background": "5d78d6dafd953bbf65797bef09a9ffb9ec430583381be705f8fd460000f370fb",
 }
-"""sha256 of the UTF-8 bytes of each text, as in shared/data (gensim 4.4.0)."""
+"""sha256 of the UTF-8 bytes of each text extracted from gensim 4.4.0 (the protocol-A reference)."""
 
 MIN_LINE_WORDS = 5
 MIN_ARTICLE_WORDS = 50  # articles are kept when they have MORE than this many words
@@ -118,7 +118,7 @@ def gensim_data_file(relative: str) -> Path:
 
 
 def extract_enwiki_excerpt(bz2_path: str | os.PathLike) -> str:
-    """Plain text of the gensim enwiki test dump, as described in shared/data/README.md.
+    """Plain text of the gensim enwiki test dump, as described in docs/protocols.md.
 
     Per page of namespace 0 that is not a redirect: ``filter_wiki``; per line: strip, keep it when it
     has >= 5 whitespace-separated words (counted before emphasis removal) and does not start with a
@@ -153,11 +153,6 @@ def extract_enwiki_excerpt(bz2_path: str | os.PathLike) -> str:
 def _read(path: Path) -> str:
     with open(path, encoding="utf-8", newline="") as f:  # newline="": keep the exact bytes
         return f.read()
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, text)
 
 
 def _verify(name: str, text: str, where: str) -> None:
@@ -200,7 +195,8 @@ def corpus_path(
     logger.info("Extracting %s from %s (once; cached at %s)", name, source, cached)
     text = extract_enwiki_excerpt(source)
     _verify(name, text, str(source))
-    _atomic_write(cached, text)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(cached, text)
     return cached
 
 

