@@ -17,6 +17,7 @@ from .checkpoint.directories import check_output, publish, temp_prefix
 from .checkpoint.shards import tensor_sha256
 from .config import StatPruneConfig
 from .engine.biases import declare_added_biases
+from .engine.distributed import DistContext, context, rank_device
 from .engine.loop import CalibrationBatch, PruneReport, default_device, iter_batches, prune_model
 from .engine.offload import stored_weight
 from .engine.targets import find_blocks, find_targets
@@ -213,8 +214,9 @@ class StatPruner(OptimumQuantizer):
         states between blocks: "device", "host" (pinned memory), or "auto" by free GPU memory.
         ``streaming`` sets the streaming I/O knobs (``StreamingOptions``). Text calibration with fewer
         than ``nsamples × seqlen`` tokens is refused unless ``allow_short_calibration``."""
+        dist = self.dist
         if output_dir is not None:
-            check_output(output_dir, overwrite, self._local_source())
+            _on_main(dist, lambda: check_output(output_dir, overwrite, self._local_source()))
         self._check_shapes()
         checkpoint = self._checkpoint_dir() if output_dir is not None else None
         if checkpoint is not None and self.config.add_bias and self.config.resolved_compensation() == "bias":
@@ -231,10 +233,11 @@ class StatPruner(OptimumQuantizer):
                 dtype=_dtype(self.loading_kwargs.get("dtype", self.loading_kwargs.get("torch_dtype"))),
                 tokenizer=self.tokenizer, blocks=self.blocks, overwrite=overwrite, progress=progress,
                 trust_remote_code=self.loading_kwargs["trust_remote_code"], activations=activations,
-                base_model=self._base_model(), options=streaming,
+                base_model=self._base_model(), options=streaming, dist=dist,
             )
             return str(output_dir)
-        self.report = prune_model(self.model, batches, self.config, self._device(), self.blocks, progress, activations)
+        self.report = prune_model(self.model, batches, self.config, self._device(), self.blocks, progress, activations,
+                                  dist=dist)
         if output_dir is not None:
             return self.save_pretrained(output_dir, overwrite=overwrite)
         return self.model
@@ -271,7 +274,12 @@ class StatPruner(OptimumQuantizer):
         check_pattern_widths(skeleton, self.config, self.blocks)
 
     def _device(self) -> torch.device:
-        return torch.device(self.device) if self.device is not None else default_device()
+        return rank_device(self.dist, torch.device(self.device) if self.device is not None else default_device())
+
+    @property
+    def dist(self) -> DistContext:
+        """The processes pruning together (``torchrun`` / ``accelerate launch``); one when not launched so."""
+        return context()
 
     def quantize(self, save_dir: str | Path, file_prefix: str | None = None, calibration: Calibration = None, **kwargs):
         """Optimum's entry point: prune into ``save_dir`` (streaming when the source allows it)."""
@@ -300,7 +308,8 @@ class StatPruner(OptimumQuantizer):
             "architecture": type(self.model).__name__,
             "dtype": str(self.model.dtype).replace("torch.", ""),
         }
-        return build_manifest(self.config.resolved(), layers, self.calibration_info, info, self.report.seconds, self.report.owl)
+        return build_manifest(self.config.resolved(), layers, self.calibration_info, info, self.report.seconds, self.report.owl,
+                              world_size=self.dist.world_size)
 
     def _base_model(self) -> str | None:
         """The Hub id the model came from, when it came from the Hub."""
@@ -341,7 +350,15 @@ class StatPruner(OptimumQuantizer):
         """Write safetensors shards, ``config.json``, tokenizer, ``statprune_config.json`` and
         ``pruning_manifest.json``. Everything lands in a temporary sibling directory that is renamed into
         place only when complete, so an interrupted save never leaves a directory that looks whole; the
-        manifest hashes every tensor as read back from the written shards."""
+        manifest hashes every tensor as read back from the written shards. With several processes only rank 0
+        writes (every rank holds the same pruned model); the others wait for it and return the same path."""
+        dist = self.dist
+        if dist.active:
+            _on_main(dist, lambda: self._save(save_dir, overwrite, max_shard_size))
+            return str(save_dir)
+        return self._save(save_dir, overwrite, max_shard_size)
+
+    def _save(self, save_dir: str | Path, overwrite: bool, max_shard_size: str) -> str:
         given = save_dir
         save_dir = check_output(save_dir, overwrite, self._local_source())
         declare_added_biases(self.model)
@@ -362,6 +379,13 @@ class StatPruner(OptimumQuantizer):
             raise
         logger.info("saved pruned model to %s", save_dir)
         return str(given)
+
+
+def _on_main(dist: DistContext, job):
+    """``job()`` on rank 0 only (the one that touches the output directory); its error raised everywhere."""
+    from .engine.streaming import _on_main as on_main
+
+    return on_main(dist, job)
 
 
 def gguf_dequantize_config() -> Any:

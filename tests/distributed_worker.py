@@ -1,0 +1,64 @@
+"""One rank of a multi-process prune, launched by tests/test_distributed.py through
+``python -m torch.distributed.run --nproc-per-node 2 tests/distributed_worker.py SPEC.json``.
+
+SPEC: {"src": checkpoint dir, "runs": [{"config": {...}, "out": dir, "calibration": "ids"|"texts",
+"in_memory": bool}], "crash_after": blocks recorded by rank 0 before it dies (optional),
+"digests": dir where each rank writes the sha256 of its in-memory model's state (optional)}.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_models import token_ids  # noqa: E402
+
+from optimum_statprune import StatPruneConfig, StatPruner  # noqa: E402
+
+TEXTS = [" ".join("abcdefghijklmnopqrstuvwxyz"[(i * 7 + j) % 26] for j in range(6 + 3 * i)) for i in range(7)]
+"""Seven samples of different lengths: the padded batches make every rank's share of real tokens differ."""
+
+
+def calibration(kind: str):
+    return TEXTS if kind == "texts" else token_ids(6, 16)
+
+
+def main(spec_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    crash_after = spec.get("crash_after")
+    if crash_after is not None and os.environ.get("RANK") == "0":
+        import optimum_statprune.engine.streaming as streaming
+
+        recorded: list[int] = []
+        original = streaming.ShardWriter._record
+
+        def record_then_die(self, index, *args):  # a block is recorded once its shard is durable
+            original(self, index, *args)
+            recorded.append(index)
+            if len(recorded) == crash_after:
+                os._exit(9)  # as abrupt as a kill: no cleanup, no finally
+
+        streaming.ShardWriter._record = record_then_die
+    for run in spec["runs"]:
+        cfg = StatPruneConfig(**run["config"])
+        pruner = StatPruner.from_pretrained(spec["src"], config=cfg, device="cpu")
+        data = calibration(run.get("calibration", "ids"))
+        kwargs = {"allow_short_calibration": True} if run.get("calibration") == "texts" else {}
+        if run.get("in_memory"):
+            model = pruner.prune(data, progress=False, **kwargs)
+            h = hashlib.sha256()
+            for k, v in sorted(model.state_dict().items()):
+                h.update(k.encode() + v.detach().contiguous().numpy().tobytes())
+            Path(spec["digests"], f"{Path(run['out']).name}-rank{os.environ['RANK']}.txt").write_text(h.hexdigest())
+            pruner.save_pretrained(run["out"])
+        else:
+            pruner.prune(data, output_dir=run["out"], progress=False, **kwargs)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
