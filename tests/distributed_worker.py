@@ -2,7 +2,7 @@
 ``python -m torch.distributed.run --nproc-per-node 2 tests/distributed_worker.py SPEC.json``.
 
 SPEC: {"src": checkpoint dir, "runs": [{"config": {...}, "out": dir, "calibration": "ids"|"texts",
-"in_memory": bool}], "crash_after": blocks recorded by rank 0 before it dies (optional),
+"in_memory": bool, "crash_after": blocks rank 0 records in this run before it dies (optional)}],
 "digests": dir where each rank writes the sha256 of its in-memory model's state (optional)}.
 """
 
@@ -28,23 +28,27 @@ def calibration(kind: str):
     return TEXTS if kind == "texts" else token_ids(6, 16)
 
 
+def crash(after: int) -> None:
+    """Make rank 0 die, as abruptly as a kill, once its writer has recorded ``after`` blocks."""
+    import optimum_statprune.engine.streaming as streaming
+
+    recorded: list[int] = []
+    original = streaming.ShardWriter._record
+
+    def record_then_die(self, index, *args):  # a block is recorded once its shard is durable
+        original(self, index, *args)
+        recorded.append(index)
+        if len(recorded) == after:
+            os._exit(9)  # no cleanup, no finally
+
+    streaming.ShardWriter._record = record_then_die
+
+
 def main(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
-    crash_after = spec.get("crash_after")
-    if crash_after is not None and os.environ.get("RANK") == "0":
-        import optimum_statprune.engine.streaming as streaming
-
-        recorded: list[int] = []
-        original = streaming.ShardWriter._record
-
-        def record_then_die(self, index, *args):  # a block is recorded once its shard is durable
-            original(self, index, *args)
-            recorded.append(index)
-            if len(recorded) == crash_after:
-                os._exit(9)  # as abrupt as a kill: no cleanup, no finally
-
-        streaming.ShardWriter._record = record_then_die
     for run in spec["runs"]:
+        if run.get("crash_after") is not None and os.environ.get("RANK") == "0":
+            crash(run["crash_after"])
         cfg = StatPruneConfig(**run["config"])
         pruner = StatPruner.from_pretrained(spec["src"], config=cfg, device="cpu")
         data = calibration(run.get("calibration", "ids"))
