@@ -2,13 +2,15 @@
 ``python -m torch.distributed.run --nproc-per-node 2 tests/distributed_worker.py SPEC.json``.
 
 SPEC: {"src": checkpoint dir, "runs": [{"config": {...}, "out": dir, "calibration": "ids"|"texts",
-"in_memory": bool, "crash_after": blocks rank 0 records in this run before it dies (optional)}],
+"in_memory": bool, "cli": [arguments of ``optimum-statprune``] instead of a config, "crash_after": blocks rank 0 records in this run before it dies (optional)}],
 "digests": dir where each rank writes the sha256 of its in-memory model's state (optional)}.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import sys
@@ -49,6 +51,16 @@ def main(spec_path: str) -> None:
     for run in spec["runs"]:
         if run.get("crash_after") is not None and os.environ.get("RANK") == "0":
             crash(run["crash_after"])
+        if "cli" in run:  # what ``torchrun ... optimum-statprune prune ...`` runs, its output kept per rank
+            from optimum_statprune import cli
+
+            out, err = io.StringIO(), io.StringIO()
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                code = cli.main(run["cli"])
+            Path(spec["digests"], f"cli-rank{os.environ['RANK']}.txt").write_text(out.getvalue() + err.getvalue())
+            if code:
+                sys.exit(code)
+            continue
         cfg = StatPruneConfig(**run["config"])
         pruner = StatPruner.from_pretrained(spec["src"], config=cfg, device="cpu")
         data = calibration(run.get("calibration", "ids"))

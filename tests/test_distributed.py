@@ -69,6 +69,11 @@ def two_process(tmp_path_factory):
     runs = [{"config": cfg, "out": str(tmp / name), "calibration": data} for name, (cfg, data) in RUNS.items()]
     runs.append({"config": RUNS["statprune"][0], "out": str(tmp / "in-memory"), "calibration": "texts",
                  "in_memory": True})
+    corpus = tmp / "corpus.txt"
+    corpus.write_text(" ".join("abcdefghijklmnopqrstuvwxyz"[(i * 11) % 26] for i in range(2000)))
+    runs.append({"cli": ["prune", "--model", str(src), "--output", str(tmp / "cli"), "--calibration", str(corpus),
+                         "--nsamples", "4", "--seqlen", "32", "--batch-size", "1", "--method", "wanda",
+                         "--json", str(tmp / "cli-summary.json")]})
     runs.append({**KILLED, "out": str(tmp / "killed")})
     proc = launch({"src": str(src), "runs": runs, "digests": str(tmp)}, tmp / "spec.json")
     assert proc.returncode != 0 and "exitcode  : 9" in proc.stderr, proc.stderr[-4000:]
@@ -118,6 +123,15 @@ def test_in_memory_prune_leaves_every_rank_the_same_model_and_rank_0_saves(two_p
     for key, value in streamed.items():  # the in-memory and the streamed two-process runs agree bit for bit
         assert torch.equal(saved[key], value), key
     assert json.loads((tmp / "in-memory" / "pruning_manifest.json").read_text())["world_size"] == 2
+
+
+def test_cli_under_the_launcher_speaks_and_writes_on_rank_0_only(two_process):
+    tmp, _, _ = two_process
+    assert (tmp / "cli-rank1.txt").read_text() == ""  # rank 1 prints nothing
+    assert "sparsity" in (tmp / "cli-rank0.txt").read_text()
+    assert json.loads((tmp / "cli-summary.json").read_text())["layers"] == 28
+    assert json.loads((tmp / "cli" / "pruning_manifest.json").read_text())["world_size"] == 2
+    assert verify(tmp / "cli").ok
 
 
 def test_killed_two_process_run_resumes_bit_identical(two_process, tmp_path):

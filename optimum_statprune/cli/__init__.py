@@ -524,6 +524,8 @@ def run(args: argparse.Namespace) -> int:
     """Run a parsed command (from ``optimum-statprune`` or ``optimum-cli statprune``); the exit status."""
     prog = getattr(args, "_prog", PROG)
     debug = getattr(args, "debug", False)
+    if _secondary_rank():  # torchrun / accelerate launch: ranks > 0 log warnings only, no progress bars
+        args.verbose, args.quiet = 0, True
     with _configure_logging(getattr(args, "verbose", 0), getattr(args, "quiet", False)):
         try:
             return COMMANDS[args._command](args)
@@ -538,6 +540,11 @@ def run(args: argparse.Namespace) -> int:
                 message += " (run with --debug for the traceback)"
             print(f"{prog}: error: {message}", file=sys.stderr)
             return code
+
+
+def _secondary_rank() -> bool:
+    """A process other than rank 0 of ``torchrun`` / ``accelerate launch`` (``RANK`` set by the launcher)."""
+    return int(os.environ.get("RANK", "0")) > 0
 
 
 def _describe_error(exc: BaseException) -> tuple[int, str]:
@@ -952,7 +959,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     _check_output_file(args.json, "--json")
     check_device(args.device)
     ref = resolve_model(args.model, args.gguf_file)
-    output = check_output_dir(args.output, args.overwrite, ref.path if ref.local else None)
+    secondary = _secondary_rank()  # only rank 0 checks, prints and writes; every rank prunes
+    output = Path(args.output) if secondary else check_output_dir(args.output, args.overwrite, ref.path if ref.local else None)
     _require_gguf_package(ref)
     cal_texts = (
         load_source(args.calibration, "--calibration", text_field=args.text_field) if config.needs_activations else None
@@ -1009,6 +1017,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
             "pruned_perplexity": pruned_ppl,
         },
     }
+    if secondary:
+        return 0
     if summary["eval"] is not None:
         _record_evaluation(saved, summary["eval"])
     _print_prune_summary(summary, config)
