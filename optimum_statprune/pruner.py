@@ -326,16 +326,24 @@ class StatPruner(OptimumQuantizer):
         **kwargs: Any,
     ) -> str:
         """Upload the pruned model (saved to ``save_dir``, or a temporary directory when the model is only
-        in memory) with its manifest and a model card; creates the repo if needed."""
+        in memory) with its manifest and a model card; creates the repo if needed. With several processes
+        only rank 0 uploads; every rank returns its result."""
+        dist = self.dist
+        if dist.active:
+            return _on_main(dist, lambda: self._push(repo_id, save_dir, private, token, commit_message, **kwargs))
+        return self._push(repo_id, save_dir, private, token, commit_message, **kwargs)
+
+    def _push(self, repo_id: str, save_dir: str | Path | None, private: bool, token: str | None,
+              commit_message: str | None, **kwargs: Any) -> str:
         from .sharing.hub import push_to_hub
 
         if save_dir is None or not Path(save_dir, MANIFEST_NAME).exists():
             if save_dir is None:
                 with tempfile.TemporaryDirectory() as tmp:
-                    saved = self.save_pretrained(Path(tmp) / "model")
+                    saved = self._save(Path(tmp) / "model", False, "5GB")  # on this rank only
                     return push_to_hub(saved, repo_id, private=private, token=token, commit_message=commit_message,
                                        base_model=self._base_model(), **kwargs)
-            self.save_pretrained(save_dir)
+            self._save(save_dir, False, "5GB")
         return push_to_hub(save_dir, repo_id, private=private, token=token, commit_message=commit_message,
                            base_model=self._base_model(), **kwargs)
 

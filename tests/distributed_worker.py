@@ -2,7 +2,7 @@
 ``python -m torch.distributed.run --nproc-per-node 2 tests/distributed_worker.py SPEC.json``.
 
 SPEC: {"src": checkpoint dir, "runs": [{"config": {...}, "out": dir, "calibration": "ids"|"texts",
-"in_memory": bool, "cli": [arguments of ``optimum-statprune``] instead of a config, "crash_after": blocks rank 0 records in this run before it dies (optional)}],
+"in_memory": bool, "src": another checkpoint (optional), "cli": [arguments of ``optimum-statprune``] instead of a config, "crash_after": blocks rank 0 records in this run before it dies (optional)}],
 "digests": dir where each rank writes the sha256 of its in-memory model's state (optional)}.
 """
 
@@ -62,7 +62,7 @@ def main(spec_path: str) -> None:
                 sys.exit(code)
             continue
         cfg = StatPruneConfig(**run["config"])
-        pruner = StatPruner.from_pretrained(spec["src"], config=cfg, device="cpu")
+        pruner = StatPruner.from_pretrained(run.get("src", spec["src"]), config=cfg, device="cpu")
         data = calibration(run.get("calibration", "ids"))
         kwargs = {"allow_short_calibration": True} if run.get("calibration") == "texts" else {}
         if run.get("in_memory"):
