@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from tiny_models import build, tiny_tokenizer
 
 from optimum_statprune import StatPruneConfig, StatPruner
-from optimum_statprune.engine.distributed import DistContext, Share
+from optimum_statprune.engine.distributed import DistContext, Share, owners
 from optimum_statprune.engine.loop import CalibrationBatch
 from optimum_statprune.sharing.verify import verify
 
@@ -168,3 +168,12 @@ def test_shares_are_contiguous_and_number_tokens_globally():
 def test_more_processes_than_batches_is_refused():
     with pytest.raises(ValueError, match="3 processes need at least 3 calibration batches"):
         DistContext(0, 3).share(2)
+
+
+def test_solves_go_to_the_least_loaded_rank_longest_first():
+    llama7b = [(4096, 4096)] * 4 + [(11008, 4096)] * 2 + [(4096, 11008)]  # q k v o gate up down
+    ranks = owners(DistContext(0, 2), llama7b)
+    assert ranks == [1, 1, 0, 1, 1, 1, 0]  # down_proj (43% of the work) and v_proj on rank 0
+    cost = [o * i * i for o, i in llama7b]
+    assert max(sum(c for c, r in zip(cost, ranks, strict=True) if r == x) for x in (0, 1)) / sum(cost) < 0.51
+    assert owners(DistContext(0, 4), [(8, 8)] * 4) == [0, 1, 2, 3]  # equal solves: one each, in rank order

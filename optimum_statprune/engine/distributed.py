@@ -194,13 +194,13 @@ def reduce_statistics(ctx: DistContext, stats: dict[str, LayerStatistics], names
     if not unique:
         return
     device = ctx._device()
+    # counts and channel sums (small) in one all-reduce; each X^T X on its own, so at most one float64
+    # copy of one d_in x d_in matrix exists at a time
     flat: list[torch.Tensor] = []
     for acc in unique:
         flat.append(torch.tensor([float(acc.count)], dtype=torch.float64))
         if acc.channel is not None:
             flat += [acc.channel.sum, acc.channel.sumsq]
-        if acc.hessian is not None:
-            flat.append(acc.hessian.xtx.reshape(-1))
     sizes = [t.numel() for t in flat]
     buffer = torch.cat([t.to(device, torch.float64).reshape(-1) for t in flat])
     dist.all_reduce(buffer)
@@ -217,7 +217,10 @@ def reduce_statistics(ctx: DistContext, stats: dict[str, LayerStatistics], names
                 samples.append(ch)
         if acc.hessian is not None:
             h = acc.hessian
-            h.xtx = next(parts).to(h.xtx.device, h.xtx.dtype).reshape(h.dim, h.dim).clone()
+            xtx = h.xtx.to(device, torch.float64)
+            dist.all_reduce(xtx)
+            h.xtx = xtx.to(h.xtx.device, h.xtx.dtype)
+            del xtx
             h.count = count
     if samples:
         local = [(ch.sample_keys.cpu(), ch.sample_rows.cpu() if ch.sample_rows is not None else None) for ch in samples]
@@ -232,27 +235,37 @@ def reduce_statistics(ctx: DistContext, stats: dict[str, LayerStatistics], names
 
 
 # ----------------------------------------------------------------------------- spreading solves
-def owner(ctx: DistContext, index: int) -> int:
-    """The rank that solves target ``index`` of a block: round robin."""
-    return index % ctx.world_size
+def owners(ctx: DistContext, shapes: Sequence[tuple[int, int]]) -> list[int]:
+    """The rank that solves each target: longest solve first, each to the least loaded rank (ties to the
+    lower rank), with a solve's cost taken as ``d_out * d_in^2`` (an OBS or least-squares sweep over
+    ``d_in x d_in``). Deterministic, so every rank computes the same assignment. For a Llama-2-7B block on
+    two ranks the busiest rank gets 50% of the work (round robin: 72%)."""
+    load = [0] * ctx.world_size
+    out = [0] * len(shapes)
+    for k in sorted(range(len(shapes)), key=lambda k: (-shapes[k][0] * shapes[k][1] ** 2, k)):
+        r = min(range(ctx.world_size), key=lambda r: (load[r], r))
+        out[k] = r
+        load[r] += shapes[k][0] * shapes[k][1] ** 2
+    return out
 
 
-def spread(ctx: DistContext, targets: Sequence[Any], first: int, solve: Callable[[Any], dict[str, Any]]) -> list[dict[str, Any]]:
-    """Run ``solve(target)`` (which updates the target in place and returns its record) on the owner of each
-    target (block-wide index ``first + k``), then broadcast each weight, bias and record from its owner, so
-    every rank ends with the same targets. A failure on any rank stops every rank."""
+def spread(ctx: DistContext, targets: Sequence[Any], solve: Callable[[Any], dict[str, Any]]) -> list[dict[str, Any]]:
+    """Run ``solve(target)`` (which updates the target in place and returns its record) on the rank
+    ``owners`` gives each target, then broadcast each weight, bias and record from there, so every rank
+    ends with the same targets. A failure on any rank stops every rank."""
     records: list[dict[str, Any] | None] = [None] * len(targets)
+    ranks = owners(ctx, [tuple(t.weight().shape) for t in targets])
     error = None
     try:
         for k, t in enumerate(targets):
-            if owner(ctx, first + k) == ctx.rank:
+            if ranks[k] == ctx.rank:
                 records[k] = solve(t)
     except Exception as e:  # noqa: BLE001 - re-raised by agree() on this rank, reported to the others
         error = e
     ctx.agree(error)
     device = ctx._device()
     for k, t in enumerate(targets):
-        src = owner(ctx, first + k)
+        src = ranks[k]
         mine = src == ctx.rank
         header = ctx.broadcast_object(
             (records[k], t.bias is not None) if mine else None, src=src)

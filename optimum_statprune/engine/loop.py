@@ -157,8 +157,7 @@ def _prune_block(block, inputs, i, hidden, blocks_path, config, device, sparsiti
         if dist.active:
             _reduce_observed(dist, observer, group)
         if spread_solves:
-            first = len(records)
-            records += spread(dist, group, first, lambda t: prune_target(
+            records += spread(dist, group, lambda t: prune_target(
                 t, observer.stats.get(t.name), config, level.get(t.name), undo))
             for t in group:
                 observer.stats.pop(t.name, None)
