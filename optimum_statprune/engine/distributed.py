@@ -120,7 +120,11 @@ _CONTEXT: DistContext | None = None
 
 def context() -> DistContext:
     """The process group of the launcher (torchrun / accelerate launch), initialised on first use; a
-    one-process context when no launcher started us."""
+    one-process context when no launcher started us.
+
+    torch.distributed is used directly rather than accelerate's ``PartialState``: under torchrun on CPUs
+    (accelerate 1.x, no ``--cpu`` config) ``PartialState`` reported one process and ``DistributedType.NO``.
+    A group the caller already initialised (e.g. by ``PartialState`` on GPUs) is used as it is."""
     global _CONTEXT
     if dist.is_available() and dist.is_initialized():
         return DistContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
@@ -225,9 +229,9 @@ def reduce_statistics(ctx: DistContext, stats: dict[str, LayerStatistics], names
     if samples:
         local = [(ch.sample_keys.cpu(), ch.sample_rows.cpu() if ch.sample_rows is not None else None) for ch in samples]
         everyone = ctx.gather_objects(local)
-        for j, ch in enumerate(samples):
-            device, ch.sample_keys, ch.sample_rows = ch.sum.device, torch.empty(0, dtype=torch.int64), None
-            ch.sample_keys = ch.sample_keys.to(device)
+        for j, ch in enumerate(samples):  # rebuilt from every rank's part (this rank's included)
+            device = ch.sum.device
+            ch.sample_keys, ch.sample_rows = torch.empty(0, dtype=torch.int64, device=device), None
             for part in everyone:
                 keys, rows = part[j]
                 if rows is not None:

@@ -319,6 +319,10 @@ class StreamingBlockStore:
                      "seconds": time.perf_counter() - started if started is not None else None}
             self.writer.submit(index, tensors, hashed, self.pending_records.pop(index, []),
                                release=lambda: self.buffers.release(buffer), extra=extra)
+        elif not self.writer.writes:  # a rank other than 0: what it kept for the writer is not needed
+            self.pending_records.pop(index, None)
+            self.source_digests.pop(index, None)
+            self._started.pop(index, None)
         block.to("meta")
 
     def release(self, index: int, block: nn.Module) -> None:
