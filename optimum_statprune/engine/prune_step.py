@@ -10,6 +10,7 @@ from ``X^T X``) or the compensation (the config refuses both at once); the stati
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -166,8 +167,9 @@ class Uncompensated:
         self.weight, self.bias = current_w, current_b
 
 
-def block_error(block, inputs, i, hidden, reference, batches) -> float:
-    """Squared error of the block's output against ``reference`` over the first ``batches`` batches."""
+def block_error(block, inputs, i, hidden, reference, batches, reduce: Callable[[float], float] = float) -> float:
+    """Squared error of the block's output against ``reference`` over the first ``batches`` batches, summed
+    over the processes by ``reduce`` when several run."""
     total = 0.0
     for b in range(batches):
         diff = (call_block(block, inputs, i, b, hidden[b]).float() - reference[b]).square().sum(-1)
@@ -175,16 +177,17 @@ def block_error(block, inputs, i, hidden, reference, batches) -> float:
         if mask is not None:
             diff = diff * mask.to(diff.device, diff.dtype)
         total += float(diff.sum())
-    return total
+    return reduce(total)
 
 
-def block_safety_check(block, inputs, i, hidden, reference, batches, undo: list[Uncompensated]) -> None:
+def block_safety_check(block, inputs, i, hidden, reference, batches, undo: list[Uncompensated],
+                       reduce: Callable[[float], float] = float) -> None:
     """Keep the block's compensations only if together they lower the block output's error against the
     dense block; record the decision and both errors in every compensated target's record."""
-    err_comp = block_error(block, inputs, i, hidden, reference, batches)
+    err_comp = block_error(block, inputs, i, hidden, reference, batches, reduce)
     for u in undo:
         u.swap()
-    err_none = block_error(block, inputs, i, hidden, reference, batches)
+    err_none = block_error(block, inputs, i, hidden, reference, batches, reduce)
     keep = err_comp < err_none
     if keep:
         for u in undo:
