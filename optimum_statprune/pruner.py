@@ -20,6 +20,7 @@ from .engine.biases import declare_added_biases
 from .engine.distributed import DistContext, context, rank_device
 from .engine.loop import CalibrationBatch, PruneReport, default_device, iter_batches, prune_model
 from .engine.offload import stored_weight
+from .engine.prune_step import check_model_finite
 from .engine.targets import find_blocks, find_targets
 from .loading import gguf_dequantize_config
 from .sharing.manifest import (
@@ -109,6 +110,9 @@ class StatPruner(OptimumQuantizer):
         if self._model is None:
             self._model = AutoModelForCausalLM.from_pretrained(self.source, **self.loading_kwargs)
             find_blocks(self._model, self.blocks)
+            if _dtype(self.loading_kwargs.get("dtype", self.loading_kwargs.get("torch_dtype"))) is not None:
+                # a requested dtype can overflow (float16 above 65504): refuse before anything is pruned or saved
+                check_model_finite(self._model, f"{self.source} loaded as {self.loading_kwargs.get('dtype')}")
         return self._model
 
     @property

@@ -45,6 +45,28 @@ def check_finite(tensor: torch.Tensor, what: str) -> None:
         )
 
 
+def cast_finite(tensor: torch.Tensor, dtype: torch.dtype | None, what: str) -> torch.Tensor:
+    """``tensor`` in ``dtype`` (floating tensors only), refusing a cast that turns finite values into Inf:
+    weights beyond 65504 overflow float16, and a model saved with them would load as garbage."""
+    if dtype is None or not tensor.is_floating_point() or tensor.dtype == dtype:
+        return tensor
+    cast = tensor.to(dtype)
+    if not bool(torch.isfinite(cast).all()) and bool(torch.isfinite(tensor).all()):
+        peak = float(tensor.abs().max())
+        raise NonFiniteError(
+            f"{what}: casting to {str(dtype).replace('torch.', '')} overflows (largest |value| {peak:.4g}); "
+            "keep the checkpoint's dtype or use bfloat16"
+        )
+    return cast
+
+
+def check_model_finite(model: nn.Module, what: str) -> None:
+    """Every floating parameter and buffer of ``model`` finite, else ``NonFiniteError`` naming the first."""
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_floating_point() and t.device.type != "meta":
+            check_finite(t.detach(), f"{what}: {name}")
+
+
 @torch.no_grad()
 def prune_target(
     target: Target,

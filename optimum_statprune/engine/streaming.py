@@ -61,6 +61,7 @@ from .loop import (
     choose_placement,
     prune_blocks,
 )
+from .prune_step import cast_finite
 from .targets import find_blocks, find_targets, hidden_size
 
 logger = logging.getLogger(__name__)
@@ -300,8 +301,7 @@ class StreamingBlockStore:
                 f"(without output_dir) instead"
             )
         for key, value in tensors.items():
-            if self.dtype is not None and value.is_floating_point():
-                value = value.to(self.dtype)
+            value = cast_finite(value, self.dtype, key)
             set_module_tensor_to_device(block, key[len(prefix):], device, value=value)
         return block
 
@@ -356,9 +356,7 @@ def _load_outside(model: nn.Module, blocks_path: str, reader: CheckpointReader, 
     keys = [k for k in reader.tensor_names() if not k.startswith(blocks_path + ".")]
     tensors = {}
     for key, value in reader.read(keys, "cpu").items():
-        if dtype is not None and value.is_floating_point():
-            value = value.to(dtype)
-        tensors[key] = value.contiguous()
+        tensors[key] = cast_finite(value, dtype, key).contiguous()
     for key, value in conversion.to_model(tensors).items():
         set_module_tensor_to_device(model, key, device, value=value)
     if hasattr(model, "tie_weights"):
