@@ -24,6 +24,11 @@ prefetch, one writer, fsync per shard in the writer, a fresh pageable host buffe
 the engine, with no checkpoint I/O. Any ``knob=value`` list of ``StreamingOptions`` fields
 (prefetch / writer_threads / sync / reuse_write_buffers / pin_write_buffers) works.
 ``weights_digest`` (sha256 over the manifest's per-layer hashes) must agree across variants.
+
+``--nproc N`` runs each statprune run in N processes launched by ``torch.distributed.run`` (one GPU each
+on ``cuda``; gloo on ``--device cpu``): ``--device cpu --shapes tiny --nproc 2`` tries it on a CPU. The
+peaks reported are the largest of any rank; the digest differs from one process's within the tolerances
+of docs/performance.md (sums in another order).
 """
 
 from __future__ import annotations
@@ -126,22 +131,33 @@ def run_one(args: argparse.Namespace) -> dict:
         method = "magnitude"
 
     ids = load_file(args.tokens)["input_ids"]
+    device = args.device
+    if device == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"  # one GPU per rank (torch.distributed.run)
     start = time.perf_counter()
     config = StatPruneConfig(method=method, sparsity=args.sparsity, pattern=args.pattern,
                              nsamples=ids.shape[0], seqlen=ids.shape[1], batch_size=args.batch_size)
     if in_memory:  # the compute alone: the whole model already on the device, nothing read or written
-        pruner = StatPruner.from_pretrained(args.model, config=config, device=args.device, dtype=torch.float16,
-                                            device_map=args.device)
+        pruner = StatPruner.from_pretrained(args.model, config=config, device=device, dtype=torch.float16,
+                                            device_map=device)
         pruner.model  # noqa: B018 (loads it)
         start = time.perf_counter()
         pruner.prune(ids, progress=False)
     else:
-        pruner = StatPruner.from_pretrained(args.model, config=config, device=args.device, dtype=torch.float16)
+        pruner = StatPruner.from_pretrained(args.model, config=config, device=device, dtype=torch.float16)
         pruner.prune(ids, output_dir=args.output, overwrite=True, progress=False, streaming=options)
     total = time.perf_counter() - start
     report = pruner.report
     blocks = report.block_seconds
+    dist = pruner.dist
+    gpu = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    peaks = dist.gather_objects((total, gpu, rss))  # every rank's: the slowest and the largest are reported
+    total = max(p[0] for p in peaks)
+    gpu = max(p[1] for p in peaks) if gpu is not None else None
+    rss = max(p[2] for p in peaks)
     return {
+        "nproc": dist.world_size,
         "tool": "optimum-statprune",
         "method": args.method,
         "pattern": args.pattern,
@@ -151,8 +167,8 @@ def run_one(args: argparse.Namespace) -> dict:
         "block_s_median": sorted(blocks)[len(blocks) // 2],
         "block_s_last": blocks[-1],
         "block_s_max": max(blocks),
-        "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
-        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "peak_gpu_gib": gpu,
+        "peak_rss_gib": rss,
         "sparsity": sum(r["sparsity"] * r["shape"][0] * r["shape"][1] for r in report.layers)
         / sum(r["shape"][0] * r["shape"][1] for r in report.layers) if report.layers else None,
     }
@@ -207,6 +223,8 @@ def main() -> None:
     p.add_argument("--variants", default="default",
                    help='";"-separated streaming knob sets to compare, e.g. "default;legacy" (see the docstring)')
     p.add_argument("--repeats", type=int, default=1, help="run every method x variant this many times, interleaved")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="processes per statprune run, launched by torch.distributed.run (one GPU each)")
     p.add_argument("--variant", default="", help=argparse.SUPPRESS)
     p.add_argument("--run-one", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
@@ -215,7 +233,9 @@ def main() -> None:
     p.add_argument("--method", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.run_one:
-        print(json.dumps(run_one(args)))
+        row = run_one(args)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(json.dumps(row))
         return
 
     work = Path(args.workdir)
@@ -231,7 +251,9 @@ def main() -> None:
         for repeat in range(args.repeats):
             for method in filter(None, args.methods.split(",")):
                 for variant in variants:
-                    cmd = [sys.executable, __file__, "--run-one", "--model", str(model_dir), "--tokens", str(tokens),
+                    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                                str(args.nproc)] if args.nproc > 1 else [sys.executable]
+                    cmd = [*launcher, __file__, "--run-one", "--model", str(model_dir), "--tokens", str(tokens),
                            "--output", str(work / f"out-{shape}-{method}"), "--method", method, "--pattern",
                            args.pattern, "--sparsity", str(args.sparsity), "--batch-size", str(args.batch_size),
                            "--device", args.device, "--variant", variant]
@@ -260,7 +282,7 @@ def main() -> None:
                     shutil.rmtree(work / f"peer-{shape}-{method}", ignore_errors=True)
                 _emit(rows, {"shape": shape, "tool": "llmcompressor", "method": method, **result}, args.jsonl)
 
-    cols = ["shape", "tool", "method", "variant", "end_to_end_s", "pruning_s", "block_s_first", "block_s_median",
+    cols = ["shape", "tool", "method", "variant", "nproc", "end_to_end_s", "pruning_s", "block_s_first", "block_s_median",
             "block_s_last", "peak_gpu_gib", "peak_rss_gib", "sparsity", "weights_digest"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))

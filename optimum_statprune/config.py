@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Callable, Sequence
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 from .methods import all_methods, get_method, method_names
@@ -81,6 +82,24 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def option(
+    default: Any = MISSING,
+    *,
+    help: str,
+    choices: Sequence[str] | Callable[[], Sequence[str]] | None = None,
+    default_factory: Callable[[], Any] | Any = MISSING,
+) -> Any:
+    """A config field with its command-line help and choices: the CLI generates every flag from these, so a
+    field's documentation lives with the field (``choices`` may be a function, for lists the registry
+    fills at run time)."""
+    metadata: dict[str, Any] = {"help": help}
+    if choices is not None:
+        metadata["choices"] = choices
+    if default_factory is not MISSING:
+        return field(default_factory=default_factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class StatPruneConfig:
     """What to prune, how, and with which calibration.
@@ -91,57 +110,57 @@ class StatPruneConfig:
     ``effective_sparsity`` and ``resolved()`` give what runs (tensor_math/patterns.py).
     """
 
-    method: str = "statprune"
-    sparsity: float = DEFAULT_SPARSITY
-    pattern: str = "unstructured"
-    group: str = "row"
+    method: str = option("statprune", help='selection method', choices=method_names)
+    sparsity: float = option(DEFAULT_SPARSITY, help="fraction of each targeted linear's weights to prune (unstructured; N:M implies 1-N/M)")
+    pattern: str = option("unstructured", help="'unstructured' or N:M such as 2:4 or 4:8 (N kept in every M inputs)")
+    group: str = option("row", help="unstructured comparison group: per output 'row' (Wanda's) or the whole 'layer'", choices=GROUPS)
     # CVR: S_ij = |W_ij| * A_j^(activation_power/2) * (sigma^2_W + eps)^(-alpha/2), A = Var(x) or E[x^2];
     # the paper's formula is A = Var(x), activation_power = 1/2. None: the method's preset.
-    alpha: float | None = None
-    eps: float = 1e-8
-    weight_stat_axis: str | None = None
-    activation_stat: str | None = None
-    activation_power: float | None = None
-    ria_power: float = 0.5
-    compensation: str | None = None
+    alpha: float | None = option(None, help='CVR exponent on the weight-group dispersion (0: no dispersion term)')
+    eps: float = option(1e-8, help='CVR epsilon added to the weight-group variance')
+    weight_stat_axis: str | None = option(None, help="CVR weight-dispersion group: per input 'column' or per output 'row'", choices=WEIGHT_STAT_AXES)
+    activation_stat: str | None = option(None, help="CVR activation statistic A in A^(p/2): 'variance' (the paper's) or 'second_moment' (Wanda's)", choices=ACTIVATION_STATS)
+    activation_power: float | None = option(None, help="CVR activation power p in A^(p/2) (0.5: the paper's Var(x)^(1/4))")
+    ria_power: float = option(0.5, help='RIA activation power a')
+    compensation: str | None = option(None, help='correction after the mask is fixed', choices=COMPENSATIONS)
     # a compensated weight is moved only this fraction of the way from the pruned one (1: fully)
-    compensation_shrink: float | None = None
-    safety_check: bool | None = None
+    compensation_shrink: float | None = option(None, help="apply this fraction of the compensation's change (1: all of it)")
+    safety_check: bool | None = option(None, help="keep a compensation only where it lowers the layer's output error")
     # judge a compensation by each linear's output error ("layer") or by the whole block's ("block")
-    safety_scope: str | None = None
-    ec_steps: str = "column,row"
-    ec_centered: bool = True
-    ec_clamp: tuple[float, float] = (1.0, 2.0)
-    add_bias: bool = False
-    sample_tokens: int = 2048
+    safety_scope: str | None = option(None, help="judge a compensation by each linear's output error ('layer') or the whole block's ('block')", choices=SAFETY_SCOPES)
+    ec_steps: str = option("column,row", help='energy-compensation steps and their order', choices=EC_STEPS)
+    ec_centered: bool = option(True, help='energy compensation on centered (mean-removed) energy')
+    ec_clamp: tuple[float, float] = option((1.0, 2.0), help='clamp of the energy-compensation factors')
+    add_bias: bool = option(False, help='let bias compensation add a bias to layers that have none')
+    sample_tokens: int = option(2048, help='calibration tokens kept per layer for least-squares scales and the safety check')
     # SparseGPT: OBS updates over column blocks, dampening relative to mean(diag(H)); experimental:
     # how an unstructured budget is spread over column blocks, and the per-block sweep (methods/sparsegpt.py)
-    sparsegpt_blocksize: int = 128
-    sparsegpt_damp: float = 0.01
-    sparsegpt_allocation: str = "even"
-    sparsegpt_sweep: str = "columns"
+    sparsegpt_blocksize: int = option(128, help="SparseGPT: columns per OBS block")
+    sparsegpt_damp: float = option(0.01, help="SparseGPT: dampening of the Hessian, relative to mean(diag(H))")
+    sparsegpt_allocation: str = option("even", help="SparseGPT (experimental): spread an unstructured budget 'even'ly over column blocks or by 'lookahead'", choices=SPARSEGPT_ALLOCATIONS)
+    sparsegpt_sweep: str = option("columns", help="SparseGPT (experimental): per-block updates by a column loop ('columns') or one batched solve ('solve', for GPUs)", choices=SPARSEGPT_SWEEPS)
     # Weight update after the mask, whatever method chose it: "admm" reconstructs the surviving weights
     # against X^T X (masked least squares, a ridge toward the dense weight of update_damp x mean(diag)),
     # update_iters ADMM iterations with penalty update_rho; the first update_mask_steps of them re-choose
     # the mask in the method's score (0: the method's mask is held fixed). None: the method's preset.
-    update: str | None = None
-    update_iters: int = 20
-    update_damp: float = 0.1
-    update_rho: float = 1.0
-    update_mask_steps: int | None = None
+    update: str | None = option(None, help="weight update after the mask: 'admm' refits the surviving weights against X^T X ('none': off)", choices=UPDATES)
+    update_iters: int = option(20, help='ADMM iterations of the weight update')
+    update_damp: float = option(0.1, help='weight-update ridge toward the dense weight, relative to mean(diag(X^T X))')
+    update_rho: float = option(1.0, help='ADMM penalty of the weight update')
+    update_mask_steps: int | None = option(None, help="first iterations of the weight update that re-choose the mask in the method's score (0: fixed mask)")
     # TF32 matmuls in the ADMM iterations on CUDA (the Gram, its inverse and the errors stay fp32)
-    update_tf32: bool = True
+    update_tf32: bool = option(True, help="TF32 matmuls in the weight update's iterations on CUDA")
     # OWL: per-block sparsity from the share of outlier Wanda scores (> owl_threshold x mean)
-    owl: bool = False
-    owl_threshold: float = 5.0
-    owl_lambda: float = 0.08
-    nsamples: int = 128
-    seqlen: int = 2048
-    seed: int = 0
-    batch_size: int = 8
-    sequential: bool = False
-    targets: list[str] | None = None
-    ignore: list[str] = field(default_factory=list)
+    owl: bool = option(False, help="OWL: per-block sparsity from each block's share of outlier weights (unstructured)")
+    owl_threshold: float = option(5.0, help="OWL: a score counts as an outlier above this multiple of its layer's mean")
+    owl_lambda: float = option(0.08, help="OWL: how far a block's sparsity may move from the target (+/-)")
+    nsamples: int = option(128, help='number of calibration windows')
+    seqlen: int = option(2048, help="tokens per calibration window (lowered to the model's context length with a warning)")
+    seed: int = option(0, help='seed of the calibration window offsets')
+    batch_size: int = option(8, help='calibration windows per forward pass')
+    sequential: bool = option(False, help='observe each input group after the previous ones are pruned (slower, Wanda-sequential)')
+    targets: list[str] | None = option(None, help='prune only modules whose names match one of these regular expressions')
+    ignore: list[str] = option(help='never prune modules whose names match one of these regular expressions', default_factory=list)
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:

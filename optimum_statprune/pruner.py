@@ -17,8 +17,10 @@ from .checkpoint.directories import check_output, publish, temp_prefix
 from .checkpoint.shards import tensor_sha256
 from .config import StatPruneConfig
 from .engine.biases import declare_added_biases
+from .engine.distributed import DistContext, context, rank_device
 from .engine.loop import CalibrationBatch, PruneReport, default_device, iter_batches, prune_model
 from .engine.offload import stored_weight
+from .engine.prune_step import check_model_finite
 from .engine.targets import find_blocks, find_targets
 from .loading import gguf_dequantize_config
 from .sharing.manifest import (
@@ -108,6 +110,9 @@ class StatPruner(OptimumQuantizer):
         if self._model is None:
             self._model = AutoModelForCausalLM.from_pretrained(self.source, **self.loading_kwargs)
             find_blocks(self._model, self.blocks)
+            if _dtype(self.loading_kwargs.get("dtype", self.loading_kwargs.get("torch_dtype"))) is not None:
+                # a requested dtype can overflow (float16 above 65504): refuse before anything is pruned or saved
+                check_model_finite(self._model, f"{self.source} loaded as {self.loading_kwargs.get('dtype')}")
         return self._model
 
     @property
@@ -214,8 +219,9 @@ class StatPruner(OptimumQuantizer):
         states between blocks: "device", "host" (pinned memory), or "auto" by free GPU memory.
         ``streaming`` sets the streaming I/O knobs (``StreamingOptions``). Text calibration with fewer
         than ``nsamples × seqlen`` tokens is refused unless ``allow_short_calibration``."""
+        dist = self.dist
         if output_dir is not None:
-            check_output(output_dir, overwrite, self._local_source())
+            dist.on_main(lambda: check_output(output_dir, overwrite, self._local_source()))
         self._check_shapes()
         checkpoint = self._checkpoint_dir() if output_dir is not None else None
         if checkpoint is not None and self.config.add_bias and self.config.resolved_compensation() == "bias":
@@ -232,10 +238,11 @@ class StatPruner(OptimumQuantizer):
                 dtype=_dtype(self.loading_kwargs.get("dtype", self.loading_kwargs.get("torch_dtype"))),
                 tokenizer=self.tokenizer, blocks=self.blocks, overwrite=overwrite, progress=progress,
                 trust_remote_code=self.loading_kwargs["trust_remote_code"], activations=activations,
-                base_model=self._base_model(), options=streaming,
+                base_model=self._base_model(), options=streaming, dist=dist,
             )
             return str(output_dir)
-        self.report = prune_model(self.model, batches, self.config, self._device(), self.blocks, progress, activations)
+        self.report = prune_model(self.model, batches, self.config, self._device(), self.blocks, progress, activations,
+                                  dist=dist)
         if output_dir is not None:
             return self.save_pretrained(output_dir, overwrite=overwrite)
         return self.model
@@ -272,7 +279,12 @@ class StatPruner(OptimumQuantizer):
         check_pattern_widths(skeleton, self.config, self.blocks)
 
     def _device(self) -> torch.device:
-        return torch.device(self.device) if self.device is not None else default_device()
+        return rank_device(self.dist, torch.device(self.device) if self.device is not None else default_device())
+
+    @property
+    def dist(self) -> DistContext:
+        """The processes pruning together (``torchrun`` / ``accelerate launch``); one when not launched so."""
+        return context()
 
     def quantize(self, save_dir: str | Path, file_prefix: str | None = None, calibration: Calibration = None, **kwargs):
         """Optimum's entry point: prune into ``save_dir`` (streaming when the source allows it)."""
@@ -301,7 +313,8 @@ class StatPruner(OptimumQuantizer):
             "architecture": type(self.model).__name__,
             "dtype": str(self.model.dtype).replace("torch.", ""),
         }
-        return build_manifest(self.config.resolved(), layers, self.calibration_info, info, self.report.seconds, self.report.owl)
+        return build_manifest(self.config.resolved(), layers, self.calibration_info, info, self.report.seconds, self.report.owl,
+                              world_size=self.dist.world_size)
 
     def _base_model(self) -> str | None:
         """The Hub id the model came from, when it came from the Hub."""
@@ -318,16 +331,24 @@ class StatPruner(OptimumQuantizer):
         **kwargs: Any,
     ) -> str:
         """Upload the pruned model (saved to ``save_dir``, or a temporary directory when the model is only
-        in memory) with its manifest and a model card; creates the repo if needed."""
+        in memory) with its manifest and a model card; creates the repo if needed. With several processes
+        only rank 0 uploads; every rank returns its result."""
+        dist = self.dist
+        if dist.active:
+            return dist.on_main(lambda: self._push(repo_id, save_dir, private, token, commit_message, **kwargs))
+        return self._push(repo_id, save_dir, private, token, commit_message, **kwargs)
+
+    def _push(self, repo_id: str, save_dir: str | Path | None, private: bool, token: str | None,
+              commit_message: str | None, **kwargs: Any) -> str:
         from .sharing.hub import push_to_hub
 
         if save_dir is None or not Path(save_dir, MANIFEST_NAME).exists():
             if save_dir is None:
                 with tempfile.TemporaryDirectory() as tmp:
-                    saved = self.save_pretrained(Path(tmp) / "model")
+                    saved = self._save(Path(tmp) / "model", False, "5GB")  # on this rank only
                     return push_to_hub(saved, repo_id, private=private, token=token, commit_message=commit_message,
                                        base_model=self._base_model(), **kwargs)
-            self.save_pretrained(save_dir)
+            self._save(save_dir, False, "5GB")
         return push_to_hub(save_dir, repo_id, private=private, token=token, commit_message=commit_message,
                            base_model=self._base_model(), **kwargs)
 
@@ -342,7 +363,15 @@ class StatPruner(OptimumQuantizer):
         """Write safetensors shards, ``config.json``, tokenizer, ``statprune_config.json`` and
         ``pruning_manifest.json``. Everything lands in a temporary sibling directory that is renamed into
         place only when complete, so an interrupted save never leaves a directory that looks whole; the
-        manifest hashes every tensor as read back from the written shards."""
+        manifest hashes every tensor as read back from the written shards. With several processes only rank 0
+        writes (every rank holds the same pruned model); the others wait for it and return the same path."""
+        dist = self.dist
+        if dist.active:
+            dist.on_main(lambda: self._save(save_dir, overwrite, max_shard_size))
+            return str(save_dir)
+        return self._save(save_dir, overwrite, max_shard_size)
+
+    def _save(self, save_dir: str | Path, overwrite: bool, max_shard_size: str) -> str:
         given = save_dir
         save_dir = check_output(save_dir, overwrite, self._local_source())
         declare_added_biases(self.model)

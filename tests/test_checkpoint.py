@@ -299,3 +299,19 @@ def test_streaming_options_are_one_validated_frozen_value():
     with pytest.raises(ValueError, match="unknown streaming option 'prefetc'"):
         StreamingOptions.parse("prefetc=1")
     assert not hasattr(streaming, "PREFETCH")  # no module-level knobs left to patch
+
+
+def test_a_partial_that_finished_no_block_never_blocks_a_corrected_run(tmp_path):
+    """A run that failed before its first block left nothing worth keeping: a rerun with other settings
+    starts over without being told to overwrite; one with finished blocks still needs overwrite."""
+    from optimum_statprune.checkpoint.resume import ResumeMismatchError, open_state
+
+    partial = tmp_path / ".out.partial"
+    open_state(partial, {"dtype": "float16"}, overwrite=False)
+    assert open_state(partial, {"dtype": "float32"}, overwrite=False) == {"identity": {"dtype": "float32"}, "blocks": {}}
+    state_file = next(partial.iterdir())
+    state = json.loads(state_file.read_text())
+    state["blocks"] = {"0": {"layers": []}}
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(ResumeMismatchError, match="overwrite"):
+        open_state(partial, {"dtype": "bfloat16"}, overwrite=False)

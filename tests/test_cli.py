@@ -32,6 +32,7 @@ from optimum_statprune.cli.compare import add_compare_arguments
 from optimum_statprune.cli.errors import UsageError
 from optimum_statprune.cli.prune import add_prune_arguments
 from optimum_statprune.config import CONFIG_NAME
+from optimum_statprune.methods import method_names
 from optimum_statprune.sharing.manifest import MANIFEST_NAME
 
 REPO = Path(__file__).resolve().parents[1]
@@ -531,16 +532,18 @@ def test_quiet_silences_datasets_progress_bars_and_restores_them(capsys, model_d
     assert not ds_utils.are_progress_bars_disabled() and not hub_utils.are_progress_bars_disabled()
 
 
-def test_field_metadata_help_and_choices_win_over_the_tables():
-    """When config.py states help/choices in a field's metadata, the generated flag uses them."""
+def test_every_flag_takes_its_help_and_choices_from_its_field():
+    """Help and choices live beside each config field (``config.option``); the flags are generated from them."""
     import dataclasses
 
     f = dataclasses.field(default="row", metadata={"help": "from the field", "choices": ("row", "layer")})
     f.name = "group"
     kwargs = config_flags.field_argument_kwargs(f, str)
     assert kwargs["help"] == "from the field; one of row, layer (default: row)"
-    plain = next(x for x in fields(StatPruneConfig) if x.name == "group")
-    assert config_flags.field_help(plain) == (plain.metadata.get("help") or config_flags.FIELD_HELP["group"])
+    for field in config_flags.config_fields():
+        assert field.metadata.get("help"), f"StatPruneConfig.{field.name} has no help"
+    method = next(x for x in fields(StatPruneConfig) if x.name == "method")
+    assert list(config_flags.field_choices(method)) == list(method_names())  # the registry's, at run time
 
 
 def test_too_little_calibration_text_is_a_usage_error(capsys, model_dir, tmp_path):

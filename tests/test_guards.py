@@ -178,3 +178,28 @@ def test_owl_with_magnitude_needs_calibration_and_allocates_per_block():
     ratios = pruner.report.owl["ratios"]
     assert any(r > 0 for r in ratios) and len(set(pruner.report.owl["block_sparsity"])) > 1
     assert all(r["tokens"] == 0 and "fallback" not in r for r in pruner.report.layers)  # magnitude observes nothing
+
+
+@pytest.mark.parametrize("where", ["model.norm.weight", "model.layers.1.post_attention_layernorm.weight"])
+@pytest.mark.parametrize("streamed", [True, False])
+def test_float16_that_would_overflow_is_refused_naming_the_tensor(tmp_path, where, streamed):
+    """A weight beyond float16's 65504, asked for as float16, would be written as Inf (outside the pruned
+    linears nothing else checks it): the run stops before anything is written, naming the tensor."""
+    model = build("llama")
+    with torch.no_grad():
+        dict(model.named_parameters())[where][3] = 1e5
+    src = tmp_path / "src"
+    model.save_pretrained(src)
+    pruner = StatPruner.from_pretrained(src, config=StatPruneConfig(method="wanda"), device="cpu", dtype="float16")
+    out = tmp_path / "out"
+    with pytest.raises(NonFiniteError, match=where.replace(".", r"\.")):
+        if streamed:
+            pruner.prune(token_ids(4, 16), output_dir=out, progress=False)
+        else:
+            pruner.prune(token_ids(4, 16), progress=False)
+    assert not out.exists()
+    # in float32 (no cast) the same checkpoint prunes; a partial with finished blocks of the float16 run is
+    # only discarded when asked (a partial with none is discarded anyway: nothing to lose)
+    StatPruner.from_pretrained(src, config=StatPruneConfig(method="wanda"), device="cpu").prune(
+        token_ids(4, 16), output_dir=out, progress=False, overwrite=True)
+    assert (out / MANIFEST_NAME).exists()

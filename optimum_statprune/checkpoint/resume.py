@@ -50,7 +50,7 @@ def open_state(partial: Path, identity: dict[str, Any], overwrite: bool,
 
     A partial left by a run with another identity, or whose ``source_check(state)`` names a difference, is
     discarded with ``overwrite`` (logged) and refused without it (``ResumeMismatchError`` saying how to
-    discard it). A partial without a readable state (a crash before the first record, or the replaced model
+    discard it), unless it finished no block: then there is nothing to lose and it is discarded. A partial without a readable state (a crash before the first record, or the replaced model
     a killed swap left there) is discarded."""
     state_file = partial / STATE_NAME
     state = None
@@ -69,12 +69,15 @@ def open_state(partial: Path, identity: dict[str, Any], overwrite: bool,
             reason = source_check(state)
         if reason is None:
             return state
-        if not overwrite:
+        if not state["blocks"]:  # nothing was finished: nothing to lose, and the corrected run just starts
+            logger.info("discarding %s: an unfinished run with %s and no finished block", partial, reason)
+        elif not overwrite:
             raise ResumeMismatchError(
                 f"{partial} holds an unfinished run with {reason}; rerun with the same settings to resume, or pass "
                 f"overwrite (--overwrite) to discard it and start over"
             )
-        logger.warning("discarding %s: an unfinished run with %s (overwrite was given)", partial, reason)
+        else:
+            logger.warning("discarding %s: an unfinished run with %s (overwrite was given)", partial, reason)
     if partial.is_symlink() or partial.is_file():
         partial.unlink()
     elif partial.exists():

@@ -76,6 +76,8 @@ class ShardWriter:
     ``sync="inline"``: each writer thread fsyncs its own shard before recording it. Either way a block is in
     ``statprune_state.json`` only after its shard and the rename are on disk."""
 
+    writes = True
+
     def __init__(self, partial: Path, total_shards: int, state: dict[str, Any], threads: int = 1, max_pending: int = 1,
                  sync: str = "background", to_checkpoint=None):
         if sync not in ("background", "inline"):
@@ -221,3 +223,26 @@ class ShardWriter:
         with self._lock:
             self.state["blocks"][str(index)] = entry
             atomic_write_text(self.partial / STATE_NAME, json.dumps(self.state, indent=1) + "\n")
+
+
+class ReadOnlyWriter:
+    """The writer of a rank other than 0 when several processes prune: it holds the resume state rank 0
+    read (so finished blocks are read back from their output shards) and writes nothing; rank 0's
+    ``ShardWriter`` writes every shard."""
+
+    writes = False
+
+    def __init__(self, state: dict[str, Any]):
+        self.state = state
+        self.file_digests: dict[str, dict[str, str]] = {}
+
+    def submit(self, index: int, tensors: dict[str, torch.Tensor], hashed: dict[str, tuple[str, int | None]],
+               records: list[dict], release=None, extra: dict[str, Any] | None = None) -> None:
+        if release is not None:
+            release()
+
+    def submit_file(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -90,6 +90,10 @@ def run(args: argparse.Namespace) -> int:
     """Run a parsed command (from ``optimum-statprune`` or ``optimum-cli statprune``); the exit status."""
     prog = getattr(args, "_prog", PROG)
     debug = getattr(args, "debug", False)
+    from ..engine.distributed import launched_rank  # torch is imported only once a command runs
+
+    if launched_rank() > 0:  # torchrun / accelerate launch: ranks > 0 log warnings only, no progress bars
+        args.verbose, args.quiet = 0, True
     with configure_logging(getattr(args, "verbose", 0), getattr(args, "quiet", False)):
         try:
             return COMMANDS[args._command](args)

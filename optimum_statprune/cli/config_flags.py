@@ -2,8 +2,8 @@
 
 Every field but ``schema_version`` is a flag (``--field-name``; booleans as ``--x/--no-x``, lists take
 several values, ``--ec-clamp LOW HIGH``), derived from the field's type. A field's help text and
-choices come from its ``metadata`` (``help``, ``choices``) when the dataclass states them, else from
-``FIELD_HELP`` / ``FIELD_CHOICES`` here. Values come, in increasing priority, from the dataclass
+choices come from its ``metadata`` (``help``, ``choices``), written beside the field with
+``config.option``. Values come, in increasing priority, from the dataclass
 defaults, ``--config FILE`` and the flags given.
 """
 
@@ -20,18 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from ..config import (
-    ACTIVATION_STATS,
-    COMPENSATIONS,
     CONFIG_NAME,
-    EC_STEPS,
-    GROUPS,
-    METHODS,
     PRESET_FIELDS,
-    SAFETY_SCOPES,
-    SPARSEGPT_ALLOCATIONS,
-    SPARSEGPT_SWEEPS,
-    UPDATES,
-    WEIGHT_STAT_AXES,
     StatPruneConfig,
 )
 from .errors import UsageError, one_line
@@ -41,58 +31,6 @@ CFG_PREFIX = "cfg__"
 
 SKIPPED_FIELDS = frozenset({"schema_version"})
 """StatPruneConfig fields that are not flags (the schema version is the package's, not the user's)."""
-
-FIELD_CHOICES: dict[str, Sequence[str]] = {
-    "method": METHODS,
-    "group": GROUPS,
-    "weight_stat_axis": WEIGHT_STAT_AXES,
-    "activation_stat": ACTIVATION_STATS,
-    "safety_scope": SAFETY_SCOPES,
-    "compensation": COMPENSATIONS,
-    "ec_steps": EC_STEPS,
-    "sparsegpt_allocation": SPARSEGPT_ALLOCATIONS,
-    "sparsegpt_sweep": SPARSEGPT_SWEEPS,
-    "update": UPDATES,
-}
-"""Choices of fields whose ``metadata`` states none."""
-
-FIELD_HELP: dict[str, str] = {
-    "method": "selection method",
-    "sparsity": "fraction of each targeted linear's weights to prune (unstructured; N:M implies 1-N/M)",
-    "pattern": "'unstructured' or N:M such as 2:4 or 4:8 (N kept in every M inputs)",
-    "group": "unstructured comparison group: per output 'row' (Wanda's) or the whole 'layer'",
-    "alpha": "CVR exponent on the weight-group dispersion (0: no dispersion term)",
-    "eps": "CVR epsilon added to the weight-group variance",
-    "weight_stat_axis": "CVR weight-dispersion group: per input 'column' or per output 'row'",
-    "activation_stat": "CVR activation statistic A in A^(p/2): 'variance' (the paper's) or 'second_moment' (Wanda's)",
-    "activation_power": "CVR activation power p in A^(p/2) (0.5: the paper's Var(x)^(1/4))",
-    "compensation_shrink": "apply this fraction of the compensation's change (1: all of it)",
-    "safety_scope": "judge a compensation by each linear's output error ('layer') or the whole block's ('block')",
-    "ria_power": "RIA activation power a",
-    "compensation": "correction after the mask is fixed",
-    "safety_check": "keep a compensation only where it lowers the layer's output error",
-    "ec_steps": "energy-compensation steps and their order",
-    "ec_centered": "energy compensation on centered (mean-removed) energy",
-    "ec_clamp": "clamp of the energy-compensation factors",
-    "add_bias": "let bias compensation add a bias to layers that have none",
-    "sparsegpt_allocation": "SparseGPT (experimental): spread an unstructured budget 'even'ly over column blocks or by 'lookahead'",
-    "sparsegpt_sweep": "SparseGPT (experimental): per-block updates by a column loop ('columns') or one batched solve ('solve', for GPUs)",
-    "sample_tokens": "calibration tokens kept per layer for least-squares scales and the safety check",
-    "nsamples": "number of calibration windows",
-    "seqlen": "tokens per calibration window (lowered to the model's context length with a warning)",
-    "seed": "seed of the calibration window offsets",
-    "batch_size": "calibration windows per forward pass",
-    "sequential": "observe each input group after the previous ones are pruned (slower, Wanda-sequential)",
-    "targets": "prune only modules whose names match one of these regular expressions",
-    "ignore": "never prune modules whose names match one of these regular expressions",
-    "update": "weight update after the mask: 'admm' refits the surviving weights against X^T X ('none': off)",
-    "update_iters": "ADMM iterations of the weight update",
-    "update_damp": "weight-update ridge toward the dense weight, relative to mean(diag(X^T X))",
-    "update_rho": "ADMM penalty of the weight update",
-    "update_mask_steps": "first iterations of the weight update that re-choose the mask in the method's score (0: fixed mask)",
-    "update_tf32": "TF32 matmuls in the weight update's iterations on CUDA",
-}
-"""Help of fields whose ``metadata`` states none."""
 
 _CONFIG_FIELD_RE = re.compile(r"StatPruneConfig\.(\w+)=")
 
@@ -108,13 +46,15 @@ def flag_for(field_name: str) -> str:
 
 
 def field_help(f: dataclasses.Field) -> str:
-    """The field's ``metadata["help"]``, else ``FIELD_HELP``'s entry, else its qualified name."""
-    return f.metadata.get("help") or FIELD_HELP.get(f.name, f"StatPruneConfig.{f.name}")
+    """The field's ``metadata["help"]`` (``config.option``), else its qualified name."""
+    return f.metadata.get("help") or f"StatPruneConfig.{f.name}"
 
 
 def field_choices(f: dataclasses.Field) -> Sequence[str] | None:
-    """The field's ``metadata["choices"]``, else ``FIELD_CHOICES``'s entry (``None``: free value)."""
-    return f.metadata.get("choices") or FIELD_CHOICES.get(f.name)
+    """The field's ``metadata["choices"]`` (a function of none is called: the registry's method list);
+    ``None``: a free value."""
+    choices = f.metadata.get("choices")
+    return choices() if callable(choices) else choices
 
 
 def _unwrap_optional(hint: Any) -> Any:

@@ -46,7 +46,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
     check_output_file(args.json, "--json")
     check_device(args.device)
     ref = models.resolve_model(args.model, args.gguf_file)
-    output = check_output_dir(args.output, args.overwrite, ref.path if ref.local else None)
+    from ..engine.distributed import launched_rank
+
+    secondary = launched_rank() > 0  # under a launcher only rank 0 checks, prints and writes; every rank prunes
+    output = Path(args.output) if secondary else check_output_dir(args.output, args.overwrite, ref.path if ref.local else None)
     cal_texts = (
         load_source(args.calibration, "--calibration", text_field=args.text_field) if config.needs_activations else None
     )
@@ -102,6 +105,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
             "pruned_perplexity": pruned_ppl,
         },
     }
+    if secondary:
+        return 0
     if summary["eval"] is not None:
         record_evaluation(saved, summary["eval"])
     print_prune_summary(summary, config)

@@ -21,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import StatPruneConfig
-from ..methods import CHANNEL
+from ..methods import CHANNEL, get_method
 from ..tensor_math.owl import OWLAllocation, outlier_ratio, owl_allocate
 from ..tensor_math.scores import wanda_score
 from . import offload
@@ -34,6 +34,7 @@ from .capture import (
     choose_placement,
     to_host,
 )
+from .distributed import DistContext, Share, reduce_statistics, spread
 from .observer import Observer, input_groups, observe
 from .prune_step import NonFiniteError, Uncompensated, block_safety_check, check_finite, prune_target
 from .targets import NoTargetsError, check_targets_found, find_blocks, find_targets, hidden_size
@@ -111,27 +112,55 @@ class PruneReport:
     calibration data; without it there are no outputs, and the weights alone are checked)."""
 
 
-def _prune_block(block, inputs, i, hidden, blocks_path, config, device, sparsities=None) -> list[dict[str, Any]]:
+def _reduce_observed(dist: DistContext, observer: Observer, targets: list) -> None:
+    """All-reduce what ``observer`` gathered for ``targets`` over the ranks (empty accumulators where a rank
+    saw no token of a target that another rank did)."""
+    dims = {t.name: t.in_features for t in targets}
+    reduce_statistics(dist, observer.stats, list(dims), lambda name: observer._accumulator(name, dims[name]))
+
+
+def _solves_spread(config: StatPruneConfig) -> bool:
+    """Whether a layer's pruning is an expensive solve worth spreading over the ranks (a method that updates
+    the surviving weights, or a weight update after the mask); cheap ones run redundantly on every rank."""
+    return get_method(config.method).updates_weights or config.resolve("update") != "none"
+
+
+def _prune_block(block, inputs, i, hidden, blocks_path, config, device, sparsities=None,
+                 dist: DistContext | None = None, share: Share | None = None) -> list[dict[str, Any]]:
+    dist = dist if dist is not None else DistContext()
     targets = find_targets(block, f"{blocks_path}.{i}", config.targets, config.ignore)
     level = dict(zip((t.name for t in targets), sparsities, strict=True)) if sparsities is not None else {}
     if not config.statistics:
         return [prune_target(t, None, config, level.get(t.name)) for t in targets]
     observer = Observer(targets, config, device, i)
+    observer.index_offset = share.token_offset if share is not None else 0
     block_check = (
         config.resolve("safety_check") and config.resolve("safety_scope") == "block"
         and config.resolved_compensation() != "none"
     )
     undo: list[Uncompensated] | None = [] if block_check else None
     if block_check:  # the dense block's output on the first batch: what the pruned block should reproduce
-        check_batches = min(BLOCK_CHECK_BATCHES, len(hidden))
+        check_batches = share.check_batches if share is not None else min(BLOCK_CHECK_BATCHES, len(hidden))
         reference = [call_block(block, inputs, i, b, hidden[b]).float() for b in range(check_batches)]
     records = []
     groups = input_groups(block, inputs, i, hidden, targets) if config.sequential else [targets]
+    spread_solves = dist.active and _solves_spread(config)
+    if spread_solves and block_check:
+        raise ValueError("the block-level safety check of a compensation cannot be combined with a weight update "
+                         "spread over several processes; use safety_scope='layer' or one process")
     for group in groups:
         observe(block, inputs, i, hidden, observer, group, stop=config.sequential)
-        records += [prune_target(t, observer.stats.pop(t.name, None), config, level.get(t.name), undo) for t in group]
+        if dist.active:
+            _reduce_observed(dist, observer, group)
+        if spread_solves:
+            records += spread(dist, group, lambda t: prune_target(
+                t, observer.stats.get(t.name), config, level.get(t.name), undo))
+            for t in group:
+                observer.stats.pop(t.name, None)
+        else:
+            records += [prune_target(t, observer.stats.pop(t.name, None), config, level.get(t.name), undo) for t in group]
     if undo:
-        block_safety_check(block, inputs, i, hidden, reference, check_batches, undo)
+        block_safety_check(block, inputs, i, hidden, reference, check_batches, undo, dist.all_sum)
     return records
 
 
@@ -149,9 +178,12 @@ def _next_inputs(block, inputs: BlockInputs, i: int, hidden: list[torch.Tensor],
     return outputs
 
 
-def owl_allocation(store, n_blocks, blocks_path, inputs, config, device, progress=True) -> OWLAllocation:
+def owl_allocation(store, n_blocks, blocks_path, inputs, config, device, progress=True,
+                   dist: DistContext | None = None) -> OWLAllocation:
     """OWL's dense pre-pass: each block's share of outlier Wanda scores on the dense model, then per-linear
-    sparsities whose total equals uniform pruning at the config's sparsity."""
+    sparsities whose total equals uniform pruning at the config's sparsity. With several processes the
+    statistics are all-reduced first, so every rank computes the same allocation."""
+    dist = dist if dist is not None else DistContext()
     hidden = inputs.hidden
     ratios, shapes = [], []
     for i in tqdm(range(n_blocks), desc="OWL outlier scan", disable=not progress, unit="block"):
@@ -168,6 +200,8 @@ def owl_allocation(store, n_blocks, blocks_path, inputs, config, device, progres
                 outputs.append(to_host(out) if inputs.on_host else out)
         finally:
             observer.detach()
+        if dist.active:
+            _reduce_observed(dist, observer, targets)
         scores = [wanda_score(t.weight(), observer.stats[t.name].channel) for t in targets if observer.stats.get(t.name)]
         ratios.append(outlier_ratio(scores, config.owl_threshold) if scores else 0.0)
         shapes.append([tuple(t.weight().shape) for t in targets])
@@ -187,6 +221,8 @@ def prune_blocks(
     progress: bool = True,
     skip: set[int] | frozenset[int] = frozenset(),
     on_block_pruned: Callable[[int, list[dict[str, Any]]], None] | None = None,
+    dist: DistContext | None = None,
+    share: Share | None = None,
 ) -> PruneReport:
     """Prune blocks ``0..n_blocks-1`` in order, feeding each the pruned outputs of the one before.
 
@@ -195,13 +231,18 @@ def prune_blocks(
 
     Before anything is pruned, ``NoTargetsError`` if the config's ``targets``/``ignore`` leave no weight
     in any block; each block's outputs that feed the next block are checked for NaN/Inf
-    (``NonFiniteError``), as ``prune_target`` checks each weight."""
+    (``NonFiniteError``), as ``prune_target`` checks each weight.
+
+    With several processes (``dist``), ``inputs`` hold this rank's ``share`` of the calibration batches;
+    every rank runs the same blocks and ends each with the same weights (``engine.distributed``)."""
+    dist = dist if dist is not None else DistContext()
+    progress = progress and dist.is_main
     report = PruneReport()
     start = time.perf_counter()
     check_targets_found(getattr(store, "blocks", None), n_blocks, blocks_path, config.targets, config.ignore)
     allocation = None
     if config.owl:
-        allocation = owl_allocation(store, n_blocks, blocks_path, inputs, config, device, progress)
+        allocation = owl_allocation(store, n_blocks, blocks_path, inputs, config, device, progress, dist)
         report.owl = {"ratios": allocation.ratios, "block_sparsity": allocation.block_sparsity,
                       "pruned": allocation.pruned, "total": allocation.total}
     hidden = inputs.hidden
@@ -209,11 +250,23 @@ def prune_blocks(
     for i in bar:
         t0 = time.perf_counter()
         block = store.load(i, device)
+        if dist.active:  # a finished block whose shard changed is pruned again: every rank must see that alike
+            skipped = dist.gather_objects(i in skip)
+            if len(set(skipped)) > 1:
+                raise RuntimeError(f"the ranks disagree on whether block {i} was already pruned: {skipped}")
         if i not in skip:
             sparsities = allocation.sparsity[i] if allocation is not None else None
-            records = _prune_block(block, inputs, i, hidden, blocks_path, config, device, sparsities)
+            records = _prune_block(block, inputs, i, hidden, blocks_path, config, device, sparsities, dist, share)
         if i < n_blocks - 1:
-            hidden = _next_inputs(block, inputs, i, hidden, blocks_path)
+            if dist.active:  # a NaN on one rank stops every rank, not only the one that saw it
+                error = None
+                try:
+                    hidden = _next_inputs(block, inputs, i, hidden, blocks_path)
+                except NonFiniteError as e:
+                    error = e
+                dist.agree(error)
+            else:
+                hidden = _next_inputs(block, inputs, i, hidden, blocks_path)
             if hidden:
                 report.finite_checked_blocks.append(i)
                 if i not in skip:
@@ -237,10 +290,18 @@ def prune_model(
     blocks: str | None = None,
     progress: bool = True,
     activations: str = "auto",
+    dist: DistContext | None = None,
 ) -> PruneReport:
     """Prune a loaded model's decoder blocks in place. ``activations``: where calibration hidden states
-    live between blocks ("device", "host", or "auto" by free GPU memory)."""
+    live between blocks ("device", "host", or "auto" by free GPU memory). With several processes
+    (``dist``) every rank holds the model and ``batches`` (all of them), runs its share, and ends with the
+    same pruned model."""
+    dist = dist if dist is not None else DistContext()
     device = torch.device(device) if device is not None else default_device()
+    share = None
+    if dist.active and config.needs_activations:
+        share = Share.of(dist, batches, BLOCK_CHECK_BATCHES)
+        batches = [batches[b] for b in share.batches]
     blocks_path, block_list = find_blocks(model, blocks)
     # A model dispatched by accelerate (device_map with "cpu"/"disk") keeps offloaded weights in its hooks'
     # weights maps: place them from there, write pruned ones back there, hooks off meanwhile.
@@ -256,7 +317,8 @@ def prune_model(
                     inputs = capture_block_inputs(model, blocks_path, block_list, batches, device, on_host)
             else:
                 inputs = BlockInputs([], False, [], [], [])
-            return prune_blocks(store, len(block_list), blocks_path, inputs, config, device, progress)
+            return prune_blocks(store, len(block_list), blocks_path, inputs, config, device, progress,
+                                dist=dist, share=share)
     finally:
         model.train(was_training)
 

@@ -46,6 +46,8 @@ class Observer:
         self.fast_gram = config.resolve("update") != "none"
         # Distinct seeds per block so different layers do not keep the same token positions.
         self.seed = config.seed + 7919 * block_index
+        # Global index of this process's first token (several processes: the tokens of the ranks before).
+        self.index_offset = 0
         self._followers: set[str] = set()
         self._batch_inputs: dict[int, tuple[weakref.ref, str]] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -56,6 +58,8 @@ class Observer:
         acc = self.stats.get(name)
         if acc is None:
             acc = LayerStatistics(dim, self.channel, self.hessian, self.sample, self.seed, self.device, self.fast_gram)
+            if acc.channel is not None:
+                acc.channel.index_offset = self.index_offset
             self.stats[name] = acc
         return acc
 

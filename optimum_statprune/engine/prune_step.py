@@ -10,6 +10,7 @@ from ``X^T X``) or the compensation (the config refuses both at once); the stati
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +43,28 @@ def check_finite(tensor: torch.Tensor, what: str) -> None:
             f"{what} holds {bad} non-finite value(s) (NaN or Inf); every later block would inherit them. "
             "Check the checkpoint (and the dtype it is loaded in: float16 overflows above 65504)."
         )
+
+
+def cast_finite(tensor: torch.Tensor, dtype: torch.dtype | None, what: str) -> torch.Tensor:
+    """``tensor`` in ``dtype`` (floating tensors only), refusing a cast that turns finite values into Inf:
+    weights beyond 65504 overflow float16, and a model saved with them would load as garbage."""
+    if dtype is None or not tensor.is_floating_point() or tensor.dtype == dtype:
+        return tensor
+    cast = tensor.to(dtype)
+    if not bool(torch.isfinite(cast).all()) and bool(torch.isfinite(tensor).all()):
+        peak = float(tensor.abs().max())
+        raise NonFiniteError(
+            f"{what}: casting to {str(dtype).replace('torch.', '')} overflows (largest |value| {peak:.4g}); "
+            "keep the checkpoint's dtype or use bfloat16"
+        )
+    return cast
+
+
+def check_model_finite(model: nn.Module, what: str) -> None:
+    """Every floating parameter and buffer of ``model`` finite, else ``NonFiniteError`` naming the first."""
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_floating_point() and t.device.type != "meta":
+            check_finite(t.detach(), f"{what}: {name}")
 
 
 @torch.no_grad()
@@ -166,8 +189,9 @@ class Uncompensated:
         self.weight, self.bias = current_w, current_b
 
 
-def block_error(block, inputs, i, hidden, reference, batches) -> float:
-    """Squared error of the block's output against ``reference`` over the first ``batches`` batches."""
+def block_error(block, inputs, i, hidden, reference, batches, reduce: Callable[[float], float] = float) -> float:
+    """Squared error of the block's output against ``reference`` over the first ``batches`` batches, summed
+    over the processes by ``reduce`` when several run."""
     total = 0.0
     for b in range(batches):
         diff = (call_block(block, inputs, i, b, hidden[b]).float() - reference[b]).square().sum(-1)
@@ -175,16 +199,17 @@ def block_error(block, inputs, i, hidden, reference, batches) -> float:
         if mask is not None:
             diff = diff * mask.to(diff.device, diff.dtype)
         total += float(diff.sum())
-    return total
+    return reduce(total)
 
 
-def block_safety_check(block, inputs, i, hidden, reference, batches, undo: list[Uncompensated]) -> None:
+def block_safety_check(block, inputs, i, hidden, reference, batches, undo: list[Uncompensated],
+                       reduce: Callable[[float], float] = float) -> None:
     """Keep the block's compensations only if together they lower the block output's error against the
     dense block; record the decision and both errors in every compensated target's record."""
-    err_comp = block_error(block, inputs, i, hidden, reference, batches)
+    err_comp = block_error(block, inputs, i, hidden, reference, batches, reduce)
     for u in undo:
         u.swap()
-    err_none = block_error(block, inputs, i, hidden, reference, batches)
+    err_none = block_error(block, inputs, i, hidden, reference, batches, reduce)
     keep = err_comp < err_none
     if keep:
         for u in undo:

@@ -47,11 +47,13 @@ from ..checkpoint.shards import (
     read_to_host,
     shard_name,
 )
-from ..checkpoint.writer import STATE_NAME, HostBufferPool, ShardWriter, writer_threads_for
+from ..checkpoint.writer import STATE_NAME, HostBufferPool, ReadOnlyWriter, ShardWriter, writer_threads_for
 from ..config import StatPruneConfig
 from ..sharing.manifest import build_manifest, pruning_config_block, write_manifest
 from .conversion import CheckpointConversion
+from .distributed import DistContext, Share
 from .loop import (
+    BLOCK_CHECK_BATCHES,
     BlockInputs,
     CalibrationBatch,
     PruneReport,
@@ -59,6 +61,7 @@ from .loop import (
     choose_placement,
     prune_blocks,
 )
+from .prune_step import cast_finite
 from .targets import find_blocks, find_targets, hidden_size
 
 logger = logging.getLogger(__name__)
@@ -298,13 +301,12 @@ class StreamingBlockStore:
                 f"(without output_dir) instead"
             )
         for key, value in tensors.items():
-            if self.dtype is not None and value.is_floating_point():
-                value = value.to(self.dtype)
+            value = cast_finite(value, self.dtype, key)
             set_module_tensor_to_device(block, key[len(prefix):], device, value=value)
         return block
 
     def store(self, index: int, block: nn.Module) -> None:
-        if index not in self.done:
+        if index not in self.done and self.writer.writes:  # ranks other than 0 never write
             prefix = f"{self.blocks_path}.{index}."
             named = _persistent_tensors(block)
             buffer = self.buffers.acquire(_packed_size(named))
@@ -316,6 +318,10 @@ class StreamingBlockStore:
                      "seconds": time.perf_counter() - started if started is not None else None}
             self.writer.submit(index, tensors, hashed, self.pending_records.pop(index, []),
                                release=lambda: self.buffers.release(buffer), extra=extra)
+        elif not self.writer.writes:  # a rank other than 0: what it kept for the writer is not needed
+            self.pending_records.pop(index, None)
+            self.source_digests.pop(index, None)
+            self._started.pop(index, None)
         block.to("meta")
 
     def release(self, index: int, block: nn.Module) -> None:
@@ -350,9 +356,7 @@ def _load_outside(model: nn.Module, blocks_path: str, reader: CheckpointReader, 
     keys = [k for k in reader.tensor_names() if not k.startswith(blocks_path + ".")]
     tensors = {}
     for key, value in reader.read(keys, "cpu").items():
-        if dtype is not None and value.is_floating_point():
-            value = value.to(dtype)
-        tensors[key] = value.contiguous()
+        tensors[key] = cast_finite(value, dtype, key).contiguous()
     for key, value in conversion.to_model(tensors).items():
         set_module_tensor_to_device(model, key, device, value=value)
     if hasattr(model, "tie_weights"):
@@ -405,15 +409,22 @@ def prune_checkpoint(
     activations: str = "auto",
     base_model: str | None = None,
     options: StreamingOptions | None = None,
+    dist: DistContext | None = None,
 ) -> PruneReport:
     """Prune the safetensors checkpoint in ``source`` into ``output_dir``, one block at a time.
 
     ``options`` are the I/O knobs (``StreamingOptions``); the result is bit-identical whatever they are.
     The output is checked (``check_output``) before anything is read, built in ``.<name>.partial`` beside
     it and published with ``publish``; a run killed before that resumes when called again with the same
-    arguments, or starts over with ``overwrite`` when they differ."""
+    arguments, or starts over with ``overwrite`` when they differ.
+
+    With several processes (``dist``) every rank reads each block from the (shared) filesystem and prunes
+    it with its share of ``batches``; rank 0 alone checks and resumes the output (its resume state is
+    broadcast), writes the shards, the manifest (with the world size) and publishes; every rank returns
+    the same report."""
     options = options if options is not None else StreamingOptions()
-    output = check_output(output_dir, overwrite, source)
+    dist = dist if dist is not None else DistContext()
+    output = dist.on_main(lambda: check_output(output_dir, overwrite, source))
     reader = CheckpointReader(source)
     model = build_skeleton(source, trust_remote_code)
     blocks_path, block_list = find_blocks(model, blocks)
@@ -428,8 +439,10 @@ def prune_checkpoint(
         "checkpoint": reader.fingerprint(),
         "dtype": str(dtype) if dtype is not None else None,
     }
+    if dist.active:  # sums in another order: a resume must not mix world sizes
+        identity["world_size"] = dist.world_size
     keys = _block_keys(reader, blocks_path)
-    state = open_state(partial, identity, overwrite, lambda st: _source_changed(st, reader, keys))
+    state = dist.on_main(lambda: open_state(partial, identity, overwrite, lambda st: _source_changed(st, reader, keys)))
     done = {int(i) for i in state["blocks"]}
     if done:
         logger.info("resuming %s: %d of %d blocks already pruned", output, len(done), n_blocks)
@@ -441,8 +454,11 @@ def prune_checkpoint(
                           for _, p in _persistent_tensors(block_list[0])) if n_blocks else 0
         writer_threads = writer_threads_for(block_bytes)
     conversion = CheckpointConversion(model, reader.tensor_names())
-    writer = ShardWriter(partial, total, state, threads=writer_threads, sync=options.sync,
-                         to_checkpoint=conversion.to_checkpoint if conversion.active else None)
+    if dist.is_main:
+        writer = ShardWriter(partial, total, state, threads=writer_threads, sync=options.sync,
+                             to_checkpoint=conversion.to_checkpoint if conversion.active else None)
+    else:
+        writer = ReadOnlyWriter(state)
     # one buffer more than the writer holds (one per thread, one queued): acquiring one never waits
     buffers = HostBufferPool(writer_threads + 2, pin=options.pin_write_buffers and torch.device(device).type == "cuda",
                              reuse=options.reuse_write_buffers)
@@ -456,6 +472,10 @@ def prune_checkpoint(
         outside_keys = list(outside_tensors)
         writer.submit_file(shard_name(n_blocks, total), outside_tensors)
         del outside_tensors
+        share = None
+        if dist.active and config.needs_activations:
+            share = Share.of(dist, batches, BLOCK_CHECK_BATCHES)
+            batches = [batches[b] for b in share.batches]
         if config.needs_activations:
             dt = dtype or model.get_input_embeddings().weight.dtype
             on_host = choose_placement(activations, batches, hidden_size(model), dt, device)
@@ -463,10 +483,24 @@ def prune_checkpoint(
         else:
             inputs = BlockInputs([], False, [], [], [])
         report = prune_blocks(store, n_blocks, blocks_path, inputs, config, device, progress, skip=done,
-                              on_block_pruned=lambda i, recs: store.pending_records.__setitem__(i, recs))
+                              on_block_pruned=lambda i, recs: store.pending_records.__setitem__(i, recs),
+                              dist=dist, share=share)
     finally:
         store.close()
         writer.close()  # every shard durable and recorded
+    if dist.active:
+        dist.barrier()  # every rank is done reading the partial directory before rank 0 publishes it
+        finished = dist.on_main(lambda: _finish(partial, output, state, report, done, n_blocks, total, outside_keys,
+                                                  writer, model, dtype, config, base_model, tokenizer, calibration_info,
+                                                  source, dist.world_size))
+        return finished
+    return _finish(partial, output, state, report, done, n_blocks, total, outside_keys, writer, model, dtype, config,
+                   base_model, tokenizer, calibration_info, source, 1)
+
+
+def _finish(partial, output, state, report, done, n_blocks, total, outside_keys, writer, model, dtype, config,
+            base_model, tokenizer, calibration_info, source, world_size: int) -> PruneReport:
+    """The index, configs, tokenizer and manifest beside the shards, then the publish."""
     report.layers = [rec for i in range(n_blocks) for rec in state["blocks"][str(i)]["layers"]]
     # the time of the blocks earlier processes finished, plus this process's (a rebuilt block counts once)
     report.seconds += sum(state["blocks"][str(i)].get("seconds") or 0.0 for i in done)
@@ -493,7 +527,8 @@ def prune_checkpoint(
     info = {"name_or_path": base_model or str(source), "architecture": type(model).__name__,
             "dtype": str(dtype or model.config.dtype)}
     write_manifest(partial, build_manifest(config.resolved(), report.layers, calibration_info, info, report.seconds,
-                                           report.owl, tensors=tensors, files=files), published=False)
+                                           report.owl, tensors=tensors, files=files, world_size=world_size),
+                   published=False)
     (partial / STATE_NAME).unlink()
     for f in partial.iterdir():  # the small files (config, tokenizer, manifest); shards are durable already
         if f.is_file() and f.name not in files:

@@ -57,8 +57,10 @@ def build_manifest(
     owl: dict[str, Any] | None = None,
     tensors: dict[str, str] | None = None,
     files: dict[str, int] | None = None,
+    world_size: int = 1,
 ) -> dict[str, Any]:
-    """The manifest; ``tensors`` and ``files`` describe the saved shards (see ``saved_shards``)."""
+    """The manifest; ``tensors`` and ``files`` describe the saved shards (see ``saved_shards``);
+    ``world_size``: the processes that pruned (their sums are added in another order)."""
     total = sum(_numel(rec["shape"]) for rec in layers)
     pruned = sum(rec["sparsity"] * _numel(rec["shape"]) for rec in layers)
     model_info = dict(model_info)
@@ -72,6 +74,7 @@ def build_manifest(
         "config": config,
         "calibration": calibration,
         "pruning_seconds": seconds,
+        "world_size": world_size,
         "summary": {"layers": len(layers), "weights": total, "sparsity": pruned / total if total else 0.0},
         "owl": owl,
         "layers": layers,
