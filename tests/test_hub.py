@@ -112,12 +112,13 @@ def test_the_cards_command_line_rebuilds_the_same_config(folder):
     import shlex
 
     from optimum_statprune import cli
+    from optimum_statprune.cli import config_flags
 
     text = str(model_card(folder))
     line = next(x for x in text.splitlines() if x.startswith("optimum-statprune prune "))
     args = cli.build_parser().parse_args(shlex.split(line)[1:])
     assert args.model == BASE and args.output == "pruned-model"
-    assert cli.build_config(args).resolved() == read_manifest(folder)["config"]
+    assert config_flags.build_config(args).resolved() == read_manifest(folder)["config"]
 
 
 def test_model_card_shows_evaluation_and_skips_local_paths(folder):
@@ -478,9 +479,10 @@ def test_the_reproduce_command_names_flags_as_the_cli_does(folder):
     import shlex
 
     from optimum_statprune import StatPruneConfig, cli
+    from optimum_statprune.cli import config_flags
     from optimum_statprune.flags import command_line_args, flag_for
 
-    assert flag_for("ec_clamp") == "--ec-clamp" == cli.flag_for("ec_clamp")
+    assert flag_for("ec_clamp") == "--ec-clamp" == config_flags.flag_for("ec_clamp")
     assert command_line_args({"ec_clamp": [1, 3], "sequential": False, "targets": None, "ignore": []}) == [
         "--ec-clamp", "1", "3", "--no-sequential"]
     manifest = read_manifest(folder)
@@ -492,7 +494,7 @@ def test_the_reproduce_command_names_flags_as_the_cli_does(folder):
     line = next(x for x in text.splitlines() if x.startswith("optimum-statprune prune "))
     assert "--no-ec-centered" in line and "--sequential" in line and "'(q|k)_proj$'" in line
     args = cli.build_parser().parse_args(shlex.split(line)[1:])
-    assert cli.build_config(args).resolved() == manifest["config"]
+    assert config_flags.build_config(args).resolved() == manifest["config"]
 
 
 def test_an_unknown_error_holding_a_secret_is_redacted():

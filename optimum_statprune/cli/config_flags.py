@@ -24,6 +24,7 @@ from ..config import (
     PRESET_FIELDS,
     StatPruneConfig,
 )
+from ..flags import flag_for
 from .errors import UsageError, one_line
 
 CFG_PREFIX = "cfg__"
@@ -38,11 +39,6 @@ _CONFIG_FIELD_RE = re.compile(r"StatPruneConfig\.(\w+)=")
 def config_fields() -> list[dataclasses.Field]:
     """The StatPruneConfig fields that have a flag (all but ``schema_version``)."""
     return [f for f in dataclasses.fields(StatPruneConfig) if f.name not in SKIPPED_FIELDS]
-
-
-def flag_for(field_name: str) -> str:
-    """``ec_clamp`` -> ``--ec-clamp``."""
-    return "--" + field_name.replace("_", "-")
 
 
 def field_help(f: dataclasses.Field) -> str:
