@@ -208,48 +208,6 @@ def test_gram_of_half_inputs_with_large_activations_does_not_overflow(dtype):
     assert rel <= 1e-5, rel
 
 
-# ---------------------------------------------------------------------------------------------- DSnoT
-from optimum_statprune.tensor_math.dsnot import expected_error, refine_mask  # noqa: E402
-
-
-@settings(max_examples=40, deadline=None)
-@given(
-    d_out=st.integers(1, 8),
-    groups=st.integers(1, 6),
-    pattern=st.sampled_from(["unstructured", "2:4", "4:8", "1:4"]),
-    seed=st.integers(0, 10_000),
-)
-def test_dsnot_keeps_counts_and_groups_and_never_raises_the_objective(d_out, groups, pattern, seed):
-    m = 8 if pattern == "4:8" else 4
-    d_in = groups * m
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(d_out, d_in, generator=g)
-    mean = torch.randn(d_in, generator=g)
-    var = torch.rand(d_in, generator=g) * 2
-    mask = make_mask(w.abs() * (mean.square() + var).sqrt(), 0.5, pattern)
-    r = refine_mask(w, mask, mean, var, pattern=pattern, max_swaps=20)
-    assert torch.equal(r.mask.sum(1), mask.sum(1))
-    if pattern != "unstructured":
-        n, mm = (int(v) for v in pattern.split(":"))
-        assert nm_groups_intact(r.mask, n, mm)
-    before = expected_error(w, mask, mean, var)
-    after = expected_error(w, r.mask, mean, var)
-    assert bool((after <= before * (1 + 1e-5) + 1e-6).all())
-    assert r.objective_after <= r.objective_before * (1 + 1e-5) + 1e-6
-
-
-def test_dsnot_cancels_a_mean_drift():
-    """Two pruned weights whose mean contributions add up: a swap that cancels them lowers the error."""
-    w = torch.tensor([[1.0, 1.0, -1.05, 5.0]])
-    mean = torch.ones(4)
-    var = torch.full((4,), 0.01)
-    mask = torch.tensor([[False, False, True, True]])  # prunes 1 + 1: r = 2
-    r = refine_mask(w, mask, mean, var, pattern="unstructured")
-    assert r.swaps >= 1
-    assert r.objective_after < r.objective_before
-    assert int(r.mask.sum()) == 2
-
-
 def test_gram_accumulator_is_a_drop_in_hessian_for_sparsegpt():
     from optimum_statprune.tensor_math.sparsegpt import sparsegpt_prune
 
