@@ -180,16 +180,19 @@ class HessianAccumulator:
         """Add tokens ``x`` of shape ``[..., dim]``; ``mask`` (shape ``x.shape[:-1]``, True = real token)
         drops padding, exactly as ``ChannelStats.update``."""
         rows = token_rows(x, self.dim, mask)
-        n = rows.shape[0]
-        if n == 0:
+        if rows.shape[0] == 0:
             return
         if self.xtx.device != rows.device:
             self.to(rows.device)
+        self._add_rows(rows)
+        self.count += rows.shape[0]
+
+    def _add_rows(self, rows: torch.Tensor) -> None:
+        """``xtx += rows^T rows``, cast to the sum's dtype in chunks (bounded transient memory)."""
         step = max(1, _CHUNK_ELEMENTS // self.dim)
-        for start in range(0, n, step):
+        for start in range(0, rows.shape[0], step):
             chunk = rows[start : start + step].to(self.xtx.dtype)
             self.xtx.addmm_(chunk.T, chunk)
-        self.count += n
 
     def merge(self, other: HessianAccumulator) -> HessianAccumulator:
         """Add another accumulator's tokens (e.g. from another device)."""
@@ -251,22 +254,16 @@ class GramAccumulator(HessianAccumulator):
         self.chunk_tokens = max(1, int(chunk_tokens))
         self.half_products = 0  # chunks multiplied with half inputs (reported, and checked in tests)
 
-    @torch.no_grad()
-    def update(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
-        """Add tokens ``x`` ``[..., dim]``; ``mask`` (``x.shape[:-1]``, True = real token) drops padding."""
-        rows = token_rows(x, self.dim, mask)
-        n = rows.shape[0]
-        if n == 0:
-            return
-        if self.xtx.device != rows.device:
-            self.to(rows.device)
+    def _add_rows(self, rows: torch.Tensor) -> None:
+        """``xtx += rows^T rows``: half-precision rows on CUDA multiplied as they are into an fp32 product,
+        anything else cast first (as ``HessianAccumulator`` does), ``chunk_tokens`` rows at a time."""
         half = (
             self.half_inputs
             and self.xtx.dtype == torch.float32
             and rows.dtype in (torch.float16, torch.bfloat16)
             and rows.device.type == "cuda"
         )
-        for start in range(0, n, self.chunk_tokens):
+        for start in range(0, rows.shape[0], self.chunk_tokens):
             chunk = rows[start : start + self.chunk_tokens]
             product = _half_gram(chunk.contiguous()) if half else None
             if product is not None:
@@ -275,7 +272,6 @@ class GramAccumulator(HessianAccumulator):
             else:
                 c = chunk.to(self.xtx.dtype)
                 self.xtx.addmm_(c.T, c)
-        self.count += n
 
 
 class LayerStatistics:
