@@ -293,6 +293,22 @@ def test_cli_push_and_verify(folder, hub, capsys):
     assert cli.main(["push", str(folder / "missing"), f"{USER}/other"]) == 2
 
 
+def test_cli_reads_the_token_from_a_file(folder, hub, tmp_path, capsys):
+    """--token-file keeps the token out of the process list: push and verify a private repo with it."""
+    from optimum_statprune import cli
+
+    token_file = tmp_path / "token"
+    token_file.write_text(VALID_TOKEN + "\n")
+    repo = f"{USER}/cli-private"
+    assert cli.main(["push", str(folder), repo, "--private", "--token-file", str(token_file)]) == 0
+    assert repo in hub.repos
+    assert cli.main(["verify", repo, "--token-file", str(token_file)]) == 0
+    capsys.readouterr()
+    assert cli.main(["push", str(folder), repo, "--token-file", str(tmp_path / "absent")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "does not exist" in err and VALID_TOKEN not in err
+
+
 def test_cli_verify_fails_on_a_revived_weight(folder, capsys):
     from safetensors.torch import load_file, save_file
 

@@ -31,6 +31,8 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--push-to-hub", metavar="REPO", help="upload the result to this Hub repository when done")
     out.add_argument("--private", action="store_true", help="create the --push-to-hub repository as private")
     out.add_argument("--hub-token", metavar="TOKEN", help="Hub token (default: HF_TOKEN or the saved login)")
+    out.add_argument("--hub-token-file", metavar="PATH",
+                     help="read the --push-to-hub token from this file (keeps it out of the process list)")
     add_data_arguments(parser, calibration=True, eval_default=None)
     add_config_arguments(parser)
     add_common_arguments(parser)
@@ -113,7 +115,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.json:
         write_json(args.json, summary)
     if args.push_to_hub:
-        push(saved, args.push_to_hub, args.private, args.hub_token, None, None, check=True)
+        push(saved, args.push_to_hub, args.private, args.hub_token, None, None, check=True,
+             token_file=args.hub_token_file)
     return 0
 
 

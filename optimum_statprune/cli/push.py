@@ -15,6 +15,8 @@ def add_push_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("repo_id", metavar="REPO", help="Hub repository, e.g. your-name/model-pruned")
     parser.add_argument("--private", action="store_true", help="create the repository as private")
     parser.add_argument("--token", metavar="TOKEN", help="Hub token (default: HF_TOKEN or the saved login)")
+    parser.add_argument("--token-file", metavar="PATH",
+                        help="read the Hub token from this file (keeps it out of the process list)")
     parser.add_argument("--message", metavar="TEXT", help="commit message")
     parser.add_argument("--revision", metavar="BRANCH", help="branch to push to (default: main)")
     parser.add_argument("--no-check", action="store_true", help="upload without verifying the weights against the manifest")
@@ -23,16 +25,18 @@ def add_push_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def push(folder: str | Path, repo_id: str, private: bool, token: str | None, message: str | None,
-         revision: str | None, check: bool) -> None:
+         revision: str | None, check: bool, token_file: str | None = None) -> None:
     """Upload ``folder`` and print where it went."""
     from ..sharing.hub import push_to_hub
 
-    url = push_to_hub(folder, repo_id, private=private, token=token, commit_message=message, revision=revision, check=check)
+    url = push_to_hub(folder, repo_id, private=private, token=token, commit_message=message, revision=revision,
+                      check=check, token_file=token_file)
     print(f"pushed {folder} to {repo_id}: {getattr(url, 'commit_url', None) or url}")
 
 
 def cmd_push(args: argparse.Namespace) -> int:
     if not Path(args.directory).is_dir():
         raise CLIError(f"{args.directory} is not a directory; give the folder a prune run wrote", 2)
-    push(args.directory, args.repo_id, args.private, args.token, args.message, args.revision, check=not args.no_check)
+    push(args.directory, args.repo_id, args.private, args.token, args.message, args.revision,
+         check=not args.no_check, token_file=args.token_file)
     return 0

@@ -15,6 +15,8 @@ def add_verify_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("target", metavar="DIR_OR_REPO", help="a pruned model directory or Hub repository")
     parser.add_argument("--revision", metavar="REV", help="Hub branch, tag or commit")
     parser.add_argument("--token", metavar="TOKEN", help="Hub token for private repositories")
+    parser.add_argument("--token-file", metavar="PATH",
+                        help="read the Hub token from this file (keeps it out of the process list)")
     parser.add_argument("--no-hashes", action="store_true", help="check sparsity and patterns only (e.g. after fine-tuning)")
     add_common_arguments(parser)
     parser.set_defaults(_command="verify", _prog=parser.prog)
@@ -26,6 +28,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         raise UsageError(f"{target}: no such directory; give a pruned model directory or a Hub repository id (org/name)")
     from ..sharing.verify import verify
 
-    report = verify(target, revision=args.revision, token=args.token, hashes=not args.no_hashes)
+    report = verify(target, revision=args.revision, token=args.token, hashes=not args.no_hashes,
+                    token_file=args.token_file)
     print(report.summary())
     return 0 if report.ok else 1
