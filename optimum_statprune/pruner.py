@@ -21,7 +21,7 @@ from .engine.distributed import DistContext, context, rank_device
 from .engine.loop import CalibrationBatch, PruneReport, default_device, iter_batches, prune_model
 from .engine.offload import stored_weight
 from .engine.prune_step import check_model_finite
-from .engine.targets import find_blocks, find_targets
+from .engine.targets import check_targets_found, find_blocks, find_targets
 from .loading import gguf_dequantize_config
 from .sharing.manifest import (
     MANIFEST_NAME,
@@ -259,24 +259,28 @@ class StatPruner(OptimumQuantizer):
         return str(source) if source and Path(str(source)).exists() else None
 
     def _check_shapes(self) -> None:
-        """N:M widths against the layers' shapes, from the config alone when the weights are not loaded."""
+        """What the layers' shapes and names alone can refuse, before any weight is read or a partial output
+        is started: targets that select nothing, and N:M widths. From the meta-device skeleton when the
+        weights are not loaded."""
         from .engine.streaming import check_pattern_widths
 
-        if self.config.nm is None:
+        if not self.config.targets and not self.config.ignore and self.config.nm is None:
             return
-        if self._model is not None:
-            check_pattern_widths(self._model, self.config, self.blocks)
-            return
-        from accelerate import init_empty_weights
+        model = self._model
+        if model is None:
+            from accelerate import init_empty_weights
 
-        trust = self.loading_kwargs.get("trust_remote_code", False)
-        try:
-            with init_empty_weights(include_buffers=False):
-                skeleton = AutoModelForCausalLM.from_config(self.model_config, trust_remote_code=trust)
-        except Exception as e:  # noqa: BLE001 - an early check only: the masks check each layer again
-            logger.debug("no meta skeleton for the N:M width check (%s); layers are checked when pruned", e)
-            return
-        check_pattern_widths(skeleton, self.config, self.blocks)
+            trust = self.loading_kwargs.get("trust_remote_code", False)
+            try:
+                with init_empty_weights(include_buffers=False):
+                    model = AutoModelForCausalLM.from_config(self.model_config, trust_remote_code=trust)
+            except Exception as e:  # noqa: BLE001 - an early check only: the loop checks again
+                logger.debug("no meta skeleton for the early shape checks (%s); layers are checked when pruned", e)
+                return
+        blocks_path, block_list = find_blocks(model, self.blocks)
+        check_targets_found(block_list, len(block_list), blocks_path, self.config.targets, self.config.ignore)
+        if self.config.nm is not None:
+            check_pattern_widths(model, self.config, self.blocks)
 
     def _device(self) -> torch.device:
         return rank_device(self.dist, torch.device(self.device) if self.device is not None else default_device())

@@ -555,3 +555,17 @@ def test_too_little_calibration_text_is_a_usage_error(capsys, model_dir, tmp_pat
     assert cli.main(argv) == 2
     line = _one_error_line(capsys)
     assert "calibration_windows: the text has" in line and "seqlen=32" in line and "DataError" not in line
+
+
+@pytest.mark.parametrize("flags,says", [
+    (["--targets", "nomatch"], "select no weight"),
+    (["--pattern", "2:3"], "multiple of 3"),
+])
+def test_impossible_requests_are_usage_errors_that_leave_nothing_behind(capsys, model_dir, corpus, tmp_path, flags, says):
+    """Refused from the layers' names and shapes before any weight is read: exit 2, one line, and no output
+    or partial directory to block the corrected command."""
+    out = tmp_path / "out"
+    argv = ["prune", "--model", str(model_dir), "--output", str(out), "--calibration", str(corpus), *FAST, *flags]
+    assert cli.main(argv) == 2
+    assert says in _one_error_line(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

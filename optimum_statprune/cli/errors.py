@@ -60,6 +60,18 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see '{self.prog} --help')", prog=self.prog)
 
 
+def _usage_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean "the command asks for something impossible" (a pattern the layers cannot take,
+    targets that select nothing), from the modules already imported (an exception of a module never
+    imported cannot have been raised; importing them here would pull in torch)."""
+    found = []
+    for module, name in (("optimum_statprune.tensor_math.patterns", "PatternError"),
+                         ("optimum_statprune.engine.targets", "NoTargetsError")):
+        if module in sys.modules:
+            found.append(getattr(sys.modules[module], name))
+    return tuple(found)
+
+
 def describe_error(exc: BaseException) -> tuple[int, str]:
     """Exit status and one-line message for any exception a command raised."""
     if isinstance(exc, CLIError):
@@ -70,6 +82,8 @@ def describe_error(exc: BaseException) -> tuple[int, str]:
         return 1, one_line(exc)
     if isinstance(exc, data_error):
         return 2, one_line(str(exc).removeprefix("load_texts: "))
+    if isinstance(exc, _usage_errors()):  # found before any weight is pruned: fix the command, exit 2
+        return 2, one_line(exc)
     text = one_line(exc) or type(exc).__name__
     if isinstance(exc, MemoryError) or "out of memory" in text.lower():
         return 1, (

@@ -50,6 +50,7 @@ from ..checkpoint.shards import (
 from ..checkpoint.writer import STATE_NAME, HostBufferPool, ReadOnlyWriter, ShardWriter, writer_threads_for
 from ..config import StatPruneConfig
 from ..sharing.manifest import build_manifest, pruning_config_block, write_manifest
+from ..tensor_math.patterns import PatternError
 from .conversion import CheckpointConversion
 from .distributed import DistContext, Share
 from .loop import (
@@ -387,7 +388,7 @@ def check_pattern_widths(model: nn.Module, config: StatPruneConfig, blocks: str 
         for t in find_targets(block, f"{blocks_path}.{i}", config.targets, config.ignore):
             width = t.weight().shape[-1]
             if width % nm[1]:
-                raise ValueError(
+                raise PatternError(
                     f"a {nm[0]}:{nm[1]} pattern needs every pruned layer's input width to be a multiple of {nm[1]}; "
                     f"{t.name} has {width} inputs (choose an M that divides it, or exclude the layer with ignore)"
                 )
