@@ -14,6 +14,13 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--debug", action="store_true", help="print the traceback of an error")
 
 
+def add_token_arguments(group: argparse._ActionsContainer, prefix: str = "", what: str = "Hub token") -> None:
+    """``--{prefix}token`` and ``--{prefix}token-file``: the file keeps the token out of the process list."""
+    group.add_argument(f"--{prefix}token", metavar="TOKEN", help=f"{what} (default: HF_TOKEN or the saved login)")
+    group.add_argument(f"--{prefix}token-file", metavar="PATH",
+                       help=f"read the {what} from this file (keeps it out of the process list)")
+
+
 def add_model_arguments(parser: argparse.ArgumentParser, with_model_flag: bool = True, pruning: bool = True) -> None:
     group = parser.add_argument_group("model")
     if with_model_flag:

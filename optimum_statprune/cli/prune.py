@@ -15,7 +15,7 @@ from .checks import check_device, check_output_dir, check_output_file, positive
 from .config_flags import add_config_arguments, build_config, describe_config
 from .errors import install_one_line_errors
 from .logs import quiet_libraries
-from .options import add_common_arguments, add_data_arguments, add_model_arguments
+from .options import add_common_arguments, add_data_arguments, add_model_arguments, add_token_arguments
 from .push import push
 from .report import fmt_count, fmt_ppl, report_totals, write_json
 from .sources import eval_split, load_source
@@ -30,9 +30,7 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--json", metavar="FILE", help="also write the run summary as JSON")
     out.add_argument("--push-to-hub", metavar="REPO", help="upload the result to this Hub repository when done")
     out.add_argument("--private", action="store_true", help="create the --push-to-hub repository as private")
-    out.add_argument("--hub-token", metavar="TOKEN", help="Hub token (default: HF_TOKEN or the saved login)")
-    out.add_argument("--hub-token-file", metavar="PATH",
-                     help="read the --push-to-hub token from this file (keeps it out of the process list)")
+    add_token_arguments(out, prefix="hub-", what="--push-to-hub token")
     add_data_arguments(parser, calibration=True, eval_default=None)
     add_config_arguments(parser)
     add_common_arguments(parser)

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from .errors import CLIError, install_one_line_errors
-from .options import add_common_arguments
+from .options import add_common_arguments, add_token_arguments
 
 
 def add_push_arguments(parser: argparse.ArgumentParser) -> None:
@@ -14,9 +14,7 @@ def add_push_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("directory", metavar="DIR", help="a pruned model saved by optimum-statprune")
     parser.add_argument("repo_id", metavar="REPO", help="Hub repository, e.g. your-name/model-pruned")
     parser.add_argument("--private", action="store_true", help="create the repository as private")
-    parser.add_argument("--token", metavar="TOKEN", help="Hub token (default: HF_TOKEN or the saved login)")
-    parser.add_argument("--token-file", metavar="PATH",
-                        help="read the Hub token from this file (keeps it out of the process list)")
+    add_token_arguments(parser)
     parser.add_argument("--message", metavar="TEXT", help="commit message")
     parser.add_argument("--revision", metavar="BRANCH", help="branch to push to (default: main)")
     parser.add_argument("--no-check", action="store_true", help="upload without verifying the weights against the manifest")

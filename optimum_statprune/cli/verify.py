@@ -7,16 +7,14 @@ from pathlib import Path
 
 from ..sharing.transport import is_hub_id
 from .errors import UsageError, install_one_line_errors
-from .options import add_common_arguments
+from .options import add_common_arguments, add_token_arguments
 
 
 def add_verify_arguments(parser: argparse.ArgumentParser) -> None:
     install_one_line_errors(parser)
     parser.add_argument("target", metavar="DIR_OR_REPO", help="a pruned model directory or Hub repository")
     parser.add_argument("--revision", metavar="REV", help="Hub branch, tag or commit")
-    parser.add_argument("--token", metavar="TOKEN", help="Hub token for private repositories")
-    parser.add_argument("--token-file", metavar="PATH",
-                        help="read the Hub token from this file (keeps it out of the process list)")
+    add_token_arguments(parser, what="Hub token for private repositories")
     parser.add_argument("--no-hashes", action="store_true", help="check sparsity and patterns only (e.g. after fine-tuning)")
     add_common_arguments(parser)
     parser.set_defaults(_command="verify", _prog=parser.prog)
