@@ -17,6 +17,7 @@ by float32 rounding (~1e-7 relative). docs/performance.md states the resulting t
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -159,9 +160,17 @@ def context() -> DistContext:
         else:
             backend = "gloo"
         dist.init_process_group(backend=backend)
+        # the group is ours: tear it down before interpreter shutdown, or the backend's threads may still be
+        # running when their objects are destroyed (seen as "terminate called without an active exception")
+        atexit.register(_destroy_group)
         logger.info("rank %d of %d (%s)", dist.get_rank(), dist.get_world_size(), backend)
         _CONTEXT = DistContext(dist.get_rank(), dist.get_world_size(), local)
     return _CONTEXT
+
+
+def _destroy_group() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def rank_device(ctx: DistContext, device: torch.device) -> torch.device:
