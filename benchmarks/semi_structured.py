@@ -15,7 +15,8 @@ separate the library's kernel from torch's wrapper.
 Whole model: a Llama-2-7B-shaped model with random fp16 weights, its block linears 2:4-pruned by
 magnitude, then converted with ``optimum_statprune.semi_structured.to_semi_structured``: prefill of 1 x 2048 and
 8 x 2048 tokens and greedy decode (batch 1 and 16, 64 new tokens after a 128-token prompt), dense against
-sparse, eager. Prints markdown tables and writes JSON.
+sparse, eager; the prefill also replayed from a CUDA graph and under ``torch.compile`` (``--model-modes``), to
+see whether the per-call setup can be removed for a whole model. Prints markdown tables and writes JSON.
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ def layer_rows(tokens: list[int]) -> list[dict]:
     return rows
 
 
-def model_rows() -> list[dict]:
+def model_rows(modes: set[str]) -> list[dict]:
     import transformers as tf
 
     from optimum_statprune.semi_structured import to_semi_structured
@@ -129,6 +130,24 @@ def model_rows() -> list[dict]:
                     module.weight.copy_(two_four(module.weight))
     rows = []
 
+    def graphed(fn):
+        """``fn`` captured once in a CUDA graph; returns a replay: the kernels alone, no host-side work."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            fn()  # warm-up outside the capture (lazy init, plan set-up)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return graph.replay
+
+    def compiled(ids):
+        """The model's forward under ``torch.compile`` (default mode), compiled on the first call."""
+        forward = torch.compile(model.forward)
+        forward(ids, use_cache=False)
+        return lambda: forward(ids, use_cache=False)
+
     def measure(label: str) -> None:
         with torch.no_grad():
             for batch, length in ((1, 2048), (8, 2048)):
@@ -136,6 +155,18 @@ def model_rows() -> list[dict]:
                 ms = cuda_ms(lambda ids=ids: model(ids, use_cache=False), iters=5, warmup=2)
                 rows.append({"model": label, "phase": "prefill", "batch": batch, "tokens": length, "ms": ms})
                 print(json.dumps(rows[-1]), flush=True)
+                for mode, run in (("graph", lambda ids=ids: graphed(lambda: model(ids, use_cache=False).logits)),
+                                  ("compile", lambda ids=ids: compiled(ids))):
+                    if mode not in modes:
+                        continue
+                    row = {"model": label, "phase": f"prefill ({mode})", "batch": batch, "tokens": length}
+                    try:
+                        row["ms"] = cuda_ms(run(), iters=5, warmup=2)
+                    except Exception as e:  # noqa: BLE001 (recorded: whether it works at all is the finding)
+                        row["error"] = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+                    torch.cuda.empty_cache()
             for batch in (1, 16):
                 ids = torch.randint(0, config.vocab_size, (batch, 128), device="cuda")
                 model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)  # warm-up
@@ -170,7 +201,9 @@ def markdown(layer: list[dict], model: list[dict]) -> str:
         lines += ["", "| model | phase | batch | ms (prefill) / ms per token (decode) |", "|---|---|---|---|"]
         for r in model:
             if "phase" in r:
-                lines.append(f"| {r['model']} | {r['phase']} | {r['batch']} | {r.get('ms', r.get('ms_per_token')):.2f} |")
+                value = r.get("ms", r.get("ms_per_token"))
+                lines.append(f"| {r['model']} | {r['phase']} | {r['batch']} | "
+                             f"{r.get('error') if value is None else f'{value:.2f}'} |")
     return "\n".join(lines)
 
 
@@ -178,6 +211,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", default=",".join(map(str, TOKENS)))
     p.add_argument("--no-model", action="store_true", help="skip the whole-model prefill/decode")
+    p.add_argument("--model-modes", default="graph,compile",
+                   help="besides eager, time the whole model's prefill replayed from a CUDA graph and under torch.compile")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -186,7 +221,7 @@ def main() -> None:
             "torch": torch.__version__}
     print(json.dumps(info), flush=True)
     layer = layer_rows([int(t) for t in args.tokens.split(",")])
-    model = [] if args.no_model else model_rows()
+    model = [] if args.no_model else model_rows(set(filter(None, args.model_modes.split(","))))
     print(markdown(layer, model))
     if args.json:
         with open(args.json, "w") as f:

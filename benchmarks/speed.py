@@ -25,6 +25,14 @@ the engine, with no checkpoint I/O. Any ``knob=value`` list of ``StreamingOption
 (prefetch / writer_threads / sync / reuse_write_buffers / pin_write_buffers) works.
 ``weights_digest`` (sha256 over the manifest's per-layer hashes) must agree across variants.
 
+``--methods floor`` is the compute floor the engine is measured against: the whole model on the device,
+block 0's inputs captured as the engine does, then every block run twice over the calibration set (one
+pass to observe, one to make the next block's inputs) and nothing else.
+
+``--profile DIR`` runs each run under ``torch.profiler`` and writes its op table and the engine's phases
+(``statprune::observe``, ``::prune``, ``::next_inputs``, ``::load``, ``::store``) to ``DIR``; the
+profiler's overhead makes those runs' times not comparable with unprofiled ones.
+
 ``--nproc N`` runs each statprune run in N processes launched by ``torch.distributed.run`` (one GPU each
 on ``cuda``; gloo on ``--device cpu``): ``--device cpu --shapes tiny --nproc 2`` tries it on a CPU. The
 peaks reported are the largest of any rank; the digest differs from one process's within the tolerances
@@ -34,6 +42,7 @@ of docs/performance.md (sums in another order).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -48,6 +57,10 @@ SHAPES = {
                       num_key_value_heads=32, vocab_size=32000),
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
+    # Llama-3-70B's block (8192 wide, 28672-wide MLP, GQA 64/8) and vocabulary, 8 blocks: 18 GB of fp16,
+    # so input and output fit twice on a 64 GiB disk
+    "llama3-70b-8": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=8, num_attention_heads=64,
+                         num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
     # ~1.4 GB of fp16 weights in 12 blocks of 103 MB: for timing the streaming I/O on a CPU
     "mid": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=12, num_attention_heads=16,
                 num_key_value_heads=16, vocab_size=32000),
@@ -114,6 +127,32 @@ def streaming_options(spec: str):
     return StreamingOptions.parse(VARIANTS.get(spec, spec))
 
 
+def _floor(args: argparse.Namespace, ids, device: str) -> float:
+    """Seconds for two dense passes of every block over the calibration set, the model already loaded."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from optimum_statprune.engine.capture import call_block, capture_block_inputs
+    from optimum_statprune.engine.loop import iter_batches
+    from optimum_statprune.engine.targets import find_blocks
+
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float16, device_map=device).eval()
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    with torch.no_grad():
+        path, blocks = find_blocks(model, None)
+        batches = list(iter_batches(ids, None, args.batch_size))
+        inputs = capture_block_inputs(model, path, blocks, batches, torch.device(device))
+        hidden = inputs.hidden
+        for i, block in enumerate(blocks):
+            for b, h in enumerate(hidden):
+                call_block(block, inputs, i, b, h)
+            hidden = [call_block(block, inputs, i, b, h) for b, h in enumerate(hidden)]
+        sync()
+    return time.perf_counter() - start
+
+
 def run_one(args: argparse.Namespace) -> dict:
     """One pruning run in this process (called in a subprocess by main)."""
     import torch
@@ -134,6 +173,17 @@ def run_one(args: argparse.Namespace) -> dict:
     device = args.device
     if device == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"  # one GPU per rank (torch.distributed.run)
+    if method == "floor":
+        total = _floor(args, ids, device)
+        return {"nproc": 1, "tool": "optimum-statprune", "method": "floor", "end_to_end_s": total,
+                "pruning_s": total, "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+                "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    profiler = contextlib.nullcontext()
+    if args.profile:
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if torch.cuda.is_available():
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        profiler = torch.profiler.profile(activities=activities)
     start = time.perf_counter()
     config = StatPruneConfig(method=method, sparsity=args.sparsity, pattern=args.pattern,
                              nsamples=ids.shape[0], seqlen=ids.shape[1], batch_size=args.batch_size)
@@ -142,11 +192,15 @@ def run_one(args: argparse.Namespace) -> dict:
                                             device_map=device)
         pruner.model  # noqa: B018 (loads it)
         start = time.perf_counter()
-        pruner.prune(ids, progress=False)
+        with profiler:
+            pruner.prune(ids, progress=False)
     else:
         pruner = StatPruner.from_pretrained(args.model, config=config, device=device, dtype=torch.float16)
-        pruner.prune(ids, output_dir=args.output, overwrite=True, progress=False, streaming=options)
+        with profiler:
+            pruner.prune(ids, output_dir=args.output, overwrite=True, progress=False, streaming=options)
     total = time.perf_counter() - start
+    if args.profile:
+        _write_profile(profiler, Path(args.profile) / f"{Path(args.output).name}-{args.variant or 'default'}.txt")
     report = pruner.report
     blocks = report.block_seconds
     dist = pruner.dist
@@ -172,6 +226,19 @@ def run_one(args: argparse.Namespace) -> dict:
         "sparsity": sum(r["sparsity"] * r["shape"][0] * r["shape"][1] for r in report.layers)
         / sum(r["shape"][0] * r["shape"][1] for r in report.layers) if report.layers else None,
     }
+
+
+def _write_profile(prof, path: Path) -> None:
+    """The engine's phases, then the ops by device time and by host time."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    events = prof.key_averages()
+    phases = [e for e in events if e.key.startswith("statprune::")]
+    lines = ["phase | calls | host total s | device total s"]
+    for e in sorted(phases, key=lambda e: -e.cpu_time_total):
+        lines.append(f"{e.key} | {e.count} | {e.cpu_time_total / 1e6:.3f} | {e.device_time_total / 1e6:.3f}")
+    sort = "cuda_time_total" if any(e.device_time_total for e in events) else "cpu_time_total"
+    lines += ["", events.table(sort_by=sort, row_limit=45), "", events.table(sort_by="self_cpu_time_total", row_limit=30)]
+    path.write_text("\n".join(lines))
 
 
 def _weights_digest(output: Path) -> str | None:
@@ -223,8 +290,10 @@ def main() -> None:
     p.add_argument("--variants", default="default",
                    help='";"-separated streaming knob sets to compare, e.g. "default;legacy" (see the docstring)')
     p.add_argument("--repeats", type=int, default=1, help="run every method x variant this many times, interleaved")
-    p.add_argument("--nproc", type=int, default=1,
-                   help="processes per statprune run, launched by torch.distributed.run (one GPU each)")
+    p.add_argument("--nproc", type=int, default=None,
+                   help="processes per statprune run, launched by torch.distributed.run (one GPU each); "
+                        "--nproc 1 times the launcher with one process against the plain path (no --nproc)")
+    p.add_argument("--profile", default=None, help="write a torch.profiler table per run to this directory")
     p.add_argument("--variant", default="", help=argparse.SUPPRESS)
     p.add_argument("--run-one", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
@@ -252,11 +321,13 @@ def main() -> None:
             for method in filter(None, args.methods.split(",")):
                 for variant in variants:
                     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-                                str(args.nproc)] if args.nproc > 1 else [sys.executable]
+                                str(args.nproc)] if args.nproc else [sys.executable]
                     cmd = [*launcher, __file__, "--run-one", "--model", str(model_dir), "--tokens", str(tokens),
                            "--output", str(work / f"out-{shape}-{method}"), "--method", method, "--pattern",
                            args.pattern, "--sparsity", str(args.sparsity), "--batch-size", str(args.batch_size),
                            "--device", args.device, "--variant", variant]
+                    if args.profile:
+                        cmd += ["--profile", args.profile]
                     row = {"shape": shape, **_child(cmd)}
                     if "error" not in row:
                         row["weights_digest"] = _weights_digest(work / f"out-{shape}-{method}")

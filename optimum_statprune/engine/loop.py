@@ -60,6 +60,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+_phase = torch.profiler.record_function
+"""Names the engine's phases in a ``torch.profiler`` trace ("statprune::observe", ...); costs nothing
+when no profiler runs."""
 
 BLOCK_CHECK_BATCHES = 1
 """Calibration batches the block-level safety check runs the block on (three extra passes each)."""
@@ -149,16 +152,20 @@ def _prune_block(block, inputs, i, hidden, blocks_path, config, device, sparsiti
         raise ValueError("the block-level safety check of a compensation cannot be combined with a weight update "
                          "spread over several processes; use safety_scope='layer' or one process")
     for group in groups:
-        observe(block, inputs, i, hidden, observer, group, stop=config.sequential)
+        with _phase("statprune::observe"):
+            observe(block, inputs, i, hidden, observer, group, stop=config.sequential)
         if dist.active:
-            _reduce_observed(dist, observer, group)
-        if spread_solves:
-            records += spread(dist, group, lambda t: prune_target(
-                t, observer.stats.get(t.name), config, level.get(t.name), undo))
-            for t in group:
-                observer.stats.pop(t.name, None)
-        else:
-            records += [prune_target(t, observer.stats.pop(t.name, None), config, level.get(t.name), undo) for t in group]
+            with _phase("statprune::reduce"):
+                _reduce_observed(dist, observer, group)
+        with _phase("statprune::prune"):
+            if spread_solves:
+                records += spread(dist, group, lambda t: prune_target(
+                    t, observer.stats.get(t.name), config, level.get(t.name), undo))
+                for t in group:
+                    observer.stats.pop(t.name, None)
+            else:
+                records += [prune_target(t, observer.stats.pop(t.name, None), config, level.get(t.name), undo)
+                            for t in group]
     if undo:
         block_safety_check(block, inputs, i, hidden, reference, check_batches, undo, dist.all_sum)
     return records
@@ -249,7 +256,8 @@ def prune_blocks(
     bar = tqdm(range(n_blocks), desc="pruning blocks", disable=not progress, unit="block")
     for i in bar:
         t0 = time.perf_counter()
-        block = store.load(i, device)
+        with _phase("statprune::load"):
+            block = store.load(i, device)
         if dist.active:  # a finished block whose shard changed is pruned again: every rank must see that alike
             skipped = dist.gather_objects(i in skip)
             if len(set(skipped)) > 1:
@@ -258,15 +266,16 @@ def prune_blocks(
             sparsities = allocation.sparsity[i] if allocation is not None else None
             records = _prune_block(block, inputs, i, hidden, blocks_path, config, device, sparsities, dist, share)
         if i < n_blocks - 1:
-            if dist.active:  # a NaN on one rank stops every rank, not only the one that saw it
-                error = None
-                try:
+            with _phase("statprune::next_inputs"):
+                if dist.active:  # a NaN on one rank stops every rank, not only the one that saw it
+                    error = None
+                    try:
+                        hidden = _next_inputs(block, inputs, i, hidden, blocks_path)
+                    except NonFiniteError as e:
+                        error = e
+                    dist.agree(error)
+                else:
                     hidden = _next_inputs(block, inputs, i, hidden, blocks_path)
-                except NonFiniteError as e:
-                    error = e
-                dist.agree(error)
-            else:
-                hidden = _next_inputs(block, inputs, i, hidden, blocks_path)
             if hidden:
                 report.finite_checked_blocks.append(i)
                 if i not in skip:
@@ -276,7 +285,8 @@ def prune_blocks(
             report.layers.extend(records)
             if on_block_pruned is not None:
                 on_block_pruned(i, records)
-        store.store(i, block)
+        with _phase("statprune::store"):
+            store.store(i, block)
         report.block_seconds.append(time.perf_counter() - t0)
     report.seconds = time.perf_counter() - start
     return report
