@@ -30,6 +30,18 @@ def is_two_four(weight: torch.Tensor) -> bool:
     return bool((nonzero <= 2).all())
 
 
+class SemiStructuredLinear(nn.Linear):
+    """An ``nn.Linear`` whose weight is semi-structured: inputs are flattened to one row per token.
+
+    The sparse tensor's ``linear`` takes 2-D inputs; a ``[batch, tokens, features]`` input otherwise goes
+    through ``matmul``'s broadcasting, which the sparse tensor refuses (``expand``) for batched decode
+    and which is slower where it works."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = nn.functional.linear(x.reshape(-1, x.shape[-1]), self.weight, self.bias)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
 def to_semi_structured(model: nn.Module, blocks: str | None = None) -> list[str]:
     """Replace the weight of every ``nn.Linear`` inside the decoder blocks that is 2:4 sparse with its
     semi-structured form, in place; return the converted module names.
@@ -43,7 +55,7 @@ def to_semi_structured(model: nn.Module, blocks: str | None = None) -> list[str]
     converted: list[str] = []
     for i, block in enumerate(block_list):
         for name, module in block.named_modules():
-            if not isinstance(module, nn.Linear):
+            if type(module) is not nn.Linear:  # subclasses may have their own forward, which we must not replace
                 continue
             full = f"{blocks_path}.{i}.{name}"
             weight = module.weight
@@ -61,6 +73,7 @@ def to_semi_structured(model: nn.Module, blocks: str | None = None) -> list[str]
                 logger.info("%s kept dense: %s", full, str(e).splitlines()[0])
                 continue
             module.weight = nn.Parameter(sparse, requires_grad=False)
+            module.__class__ = SemiStructuredLinear
             converted.append(full)
     if not converted:
         raise ValueError("no 2:4-sparse linear found in the decoder blocks; prune with pattern='2:4' first")

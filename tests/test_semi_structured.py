@@ -57,3 +57,17 @@ def test_dense_model_on_gpu_has_nothing_to_convert():
     model = build("llama").to("cuda", torch.float16)
     with pytest.raises(ValueError, match="no 2:4-sparse linear"):
         to_semi_structured(model)
+
+
+def test_converted_linear_flattens_tokens_and_matches_linear():
+    """The converted class's forward (one row per token) gives what ``nn.Linear`` gives on 1-, 2- and 3-D inputs."""
+    from optimum_statprune.semi_structured import SemiStructuredLinear
+
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(8, 6)
+    converted = torch.nn.Linear(8, 6)
+    converted.load_state_dict(dense.state_dict())
+    converted.__class__ = SemiStructuredLinear
+    for shape in [(8,), (5, 8), (3, 1, 8), (2, 7, 8)]:
+        x = torch.randn(shape)
+        torch.testing.assert_close(converted(x), dense(x), rtol=0, atol=0)

@@ -3,7 +3,8 @@ subsample (``ChannelStats``), the Gram matrix ``X^T X`` (``HessianAccumulator``)
 container of whichever of the two a run needs (``LayerStatistics``).
 
 Sums are kept in float64 so that half-precision activations of ~1e4 ("massive activations") neither
-overflow nor lose their variance to cancellation in ``m2 - mean^2``. Two accumulators merge by
+overflow nor lose their variance to cancellation in ``m2 - mean^2``; half-precision batches are summed in
+float32 about their own mean first (``ChannelStats._add_shifted``), which is as safe and ~5x faster. Two accumulators merge by
 addition, so several devices can all-reduce them.
 
 The token subsample (used by the least-squares scale and the safety check) is a bottom-k sample on a
@@ -18,6 +19,7 @@ import torch
 _M32 = 0xFFFFFFFF
 # float64 elements converted at once; bounds the transient memory of an update.
 _CHUNK_ELEMENTS = 1 << 24
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def _hash32(x: torch.Tensor) -> torch.Tensor:
@@ -44,6 +46,15 @@ def token_rows(x: torch.Tensor, dim: int, mask: torch.Tensor | None = None) -> t
     if mask is not None:
         rows = rows[mask.reshape(-1).to(device=rows.device, dtype=torch.bool)]
     return rows
+
+
+def _sum_squares(d: torch.Tensor) -> torch.Tensor:
+    """Column sums of ``d**2`` (float32 ``d``) in float64. On CUDA the norm kernel does it in one pass with
+    tree-summed float32 partials; on a CPU that kernel sums a column sequentially (errors ~1e-5 at 4096
+    rows), so square-then-sum (pairwise) is used there."""
+    if d.is_cuda:
+        return torch.linalg.vector_norm(d, dim=0).to(torch.float64).square()
+    return d.square().sum(0).to(torch.float64)
 
 
 class ChannelStats:
@@ -77,16 +88,40 @@ class ChannelStats:
             return
         if self.sum.device != rows.device:
             self.to(rows.device)
-        step = max(1, _CHUNK_ELEMENTS // self.dim)
-        for start in range(0, n, step):
-            chunk = rows[start : start + step].to(torch.float64)
-            self.sum += chunk.sum(0)
-            self.sumsq += chunk.square().sum(0)
+        if rows.dtype in _HALF:
+            self._add_shifted(rows)
+        else:
+            step = max(1, _CHUNK_ELEMENTS // self.dim)
+            for start in range(0, n, step):
+                chunk = rows[start : start + step].to(torch.float64)
+                self.sum += chunk.sum(0)
+                self.sumsq += chunk.square().sum(0)
         if self.sample_size:
             first = self.index_offset + self.count
             index = torch.arange(first, first + n, device=rows.device, dtype=torch.int64)
             self._offer(token_keys(index, self.seed), rows)
         self.count += n
+
+    def _add_shifted(self, rows: torch.Tensor) -> None:
+        """Half-precision rows: float32 sums about the batch's own mean, moved to raw sums in float64.
+
+        Converting every activation to float64 (the path for float32 inputs) costs ~5x the time of a
+        float32 reduction that reads the half-precision values directly. Summing ``x - shift`` instead of
+        ``x`` keeps float32 safe: the sums hold the spread, not the mean, so a channel with a large mean
+        and a small spread loses nothing to ``m2 - mean^2``, which cancels in float64 only. Errors stay
+        near 1e-7 of the variance (``benchmarks/channel_stats.py``), far below the inputs' own rounding."""
+        n = rows.shape[0]
+        shift32 = rows.sum(0, dtype=torch.float32) / n
+        shift = shift32.to(torch.float64)
+        ds = torch.zeros_like(self.sum)
+        dq = torch.zeros_like(self.sumsq)
+        step = max(1, _CHUNK_ELEMENTS // self.dim)
+        for start in range(0, n, step):
+            d = torch.sub(rows[start : start + step], shift32)  # float32 by type promotion
+            ds += d.sum(0)
+            dq += _sum_squares(d)
+        self.sum += ds + n * shift
+        self.sumsq += dq + 2 * shift * ds + n * shift.square()
 
     def _offer(self, keys: torch.Tensor, rows: torch.Tensor) -> None:
         k = min(self.sample_size, keys.numel())
