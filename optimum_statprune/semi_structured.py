@@ -1,11 +1,10 @@
 """Run a 2:4-pruned model on sparse tensor cores: its block linears as ``torch.sparse`` semi-structured tensors.
 
-Opt-in, because on this stack it pays only for large calls replayed from CUDA graphs: on an H200 (torch
-2.11, cuSPARSELt) every eager sparse call carries ~1 ms of per-call setup, so eager use is always slower
-than dense fp16; replayed from a CUDA graph the sparse matmul is 0.71-0.85x dense from 2048 tokens per call
-and slower below a few hundred (docs/performance.md, ``benchmarks/semi_structured.py``). Long prefill under
-graphs gains; token-by-token decode loses. The conversion is exact: the same products, from the
-compressed weight.
+Opt-in, and measure before you use it: on an H200 with torch 2.11 (cuSPARSELt) a converted Llama-2-7B-shaped
+model was 2.5-3.5x slower than dense fp16 in prefill and decode, eager, replayed from a CUDA graph or under
+``torch.compile``, although single graph-replayed sparse matmuls of 2048+ tokens beat dense by 15-30%
+(docs/performance.md, ``benchmarks/semi_structured.py``). Other stacks differ. The conversion is exact:
+the same products, from the compressed weight.
 """
 
 from __future__ import annotations
@@ -77,4 +76,9 @@ def to_semi_structured(model: nn.Module, blocks: str | None = None) -> list[str]
             converted.append(full)
     if not converted:
         raise ValueError("no 2:4-sparse linear found in the decoder blocks; prune with pattern='2:4' first")
+    logger.warning(
+        "converted %d linears to 2:4 semi-structured weights. On an H200 with torch 2.11 a converted 7B model ran "
+        "2.5-3.5x slower than dense; time your workload (benchmarks/semi_structured.py) before relying on it",
+        len(converted),
+    )
     return converted
