@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .engine.distributed import DistContext
 from .engine.targets import Target, find_blocks, find_targets
 
 logger = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ def perplexity(
     device: str | torch.device | None = None,
     *,
     disable_progress: bool = False,
+    dist: DistContext | None = None,
 ) -> float:
     """``exp(mean token NLL)`` of a causal LM over ``windows`` (``[n, seqlen]`` token ids).
 
@@ -52,6 +54,10 @@ def perplexity(
     window, ``n * (seqlen - 1)`` in total. The model is not moved; ``device`` (default: where the input
     embedding lives) is where the ids are sent. Runs under ``torch.inference_mode`` in eval mode and
     restores the previous training mode afterwards.
+
+    With several processes (``dist``), each rank scores a contiguous share of the windows and the NLL sums
+    are added over the ranks, so every rank returns the same number, equal to one process's up to the
+    order of the float64 additions.
     """
     if not isinstance(windows, torch.Tensor) or windows.dim() != 2:
         raise ValueError("perplexity: windows must be a 2-D tensor [n_windows, seqlen] of token ids.")
@@ -65,6 +71,8 @@ def perplexity(
     if batch_size < 1:
         raise ValueError(f"perplexity: batch_size must be >= 1, got {batch_size}.")
     target = torch.device(device) if device is not None else _input_device(model)
+    dist = dist if dist is not None else DistContext()
+    mine = dist.part(n)
 
     was_training = model.training
     model.eval()
@@ -73,10 +81,10 @@ def perplexity(
     try:
         with (
             torch.inference_mode(),
-            tqdm(total=n, desc="perplexity", unit="window", disable=disable_progress) as bar,
+            tqdm(total=len(mine), desc="perplexity", unit="window", disable=disable_progress or not dist.is_main) as bar,
         ):
-            for start in range(0, n, batch_size):
-                ids = windows[start : start + batch_size].to(target, dtype=torch.long)
+            for start in range(mine.start, mine.stop, batch_size):
+                ids = windows[start : min(start + batch_size, mine.stop)].to(target, dtype=torch.long)
                 out = model(input_ids=ids, use_cache=False)
                 logits = out.logits if hasattr(out, "logits") else out[0]
                 shift_logits = logits[:, :-1, :].float()
@@ -89,6 +97,8 @@ def perplexity(
                 bar.update(ids.shape[0])
     finally:
         model.train(was_training)
+    if dist.active:
+        nll_sum, count = dist.all_sum(nll_sum), round(dist.all_sum(float(count)))
 
     mean_nll = nll_sum / count
     if not math.isfinite(mean_nll):

@@ -2,7 +2,8 @@
 ``python -m torch.distributed.run --nproc-per-node 2 tests/distributed_worker.py SPEC.json``.
 
 SPEC: {"src": checkpoint dir, "runs": [{"config": {...}, "out": dir, "calibration": "ids"|"texts",
-"in_memory": bool, "src": another checkpoint (optional), "cli": [arguments of ``optimum-statprune``] instead of a config, "crash_after": blocks rank 0 records in this run before it dies (optional)}],
+"in_memory": bool, "src": another checkpoint (optional), "cli": [arguments of ``optimum-statprune``] instead of a config,
+"name": what the CLI run's per-rank output file is called (default "cli"), "crash_after": blocks rank 0 records in this run before it dies (optional)}],
 "digests": dir where each rank writes the sha256 of its in-memory model's state (optional)}.
 """
 
@@ -57,7 +58,8 @@ def main(spec_path: str) -> None:
             out, err = io.StringIO(), io.StringIO()
             with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
                 code = cli.main(run["cli"])
-            Path(spec["digests"], f"cli-rank{os.environ['RANK']}.txt").write_text(out.getvalue() + err.getvalue())
+            Path(spec["digests"], f"{run.get('name', 'cli')}-rank{os.environ['RANK']}.txt").write_text(
+                out.getvalue() + err.getvalue())
             if code:
                 sys.exit(code)
             continue

@@ -97,10 +97,23 @@ def two_process(tmp_path_factory):
     runs.append({"cli": ["prune", "--model", str(src), "--output", str(tmp / "cli"), "--calibration", str(corpus),
                          "--nsamples", "4", "--seqlen", "32", "--batch-size", "1", "--method", "wanda",
                          "--json", str(tmp / "cli-summary.json")]})
+    for name, args in cli_eval_runs(tmp, src, corpus).items():
+        runs.append({"cli": args, "name": name})
     runs.append({**KILLED, "out": str(tmp / "killed")})
     proc = launch({"src": str(src), "runs": runs, "digests": str(tmp)}, tmp / "spec.json")
     assert proc.returncode != 0 and "exitcode  : 9" in proc.stderr, proc.stderr[-4000:]
     return tmp, src, proc
+
+
+def cli_eval_runs(tmp: Path, src: Path, corpus: Path, suffix: str = "") -> dict[str, list[str]]:
+    """``prune --eval`` and ``eval`` on 5 windows (3 + 2 over two ranks); ``suffix`` names a one-process copy."""
+    return {
+        "prune-eval": ["prune", "--model", str(src), "--output", str(tmp / f"cli-eval{suffix}"), "--calibration",
+                       str(corpus), "--nsamples", "4", "--seqlen", "32", "--batch-size", "1", "--method", "wanda",
+                       "--eval", str(corpus), "--eval-windows", "5", "--json", str(tmp / f"prune-eval{suffix}.json")],
+        "eval": ["eval", str(tmp / "cli"), "--data", str(corpus), "--windows", "5", "--seqlen", "32",
+                 "--json", str(tmp / f"eval{suffix}.json")],
+    }
 
 
 def tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -155,6 +168,23 @@ def test_cli_under_the_launcher_speaks_and_writes_on_rank_0_only(two_process):
     assert json.loads((tmp / "cli-summary.json").read_text())["layers"] == 28
     assert json.loads((tmp / "cli" / "pruning_manifest.json").read_text())["world_size"] == 2
     assert verify(tmp / "cli").ok
+
+
+def test_perplexity_under_the_launcher_splits_the_windows_and_equals_one_process(two_process):
+    """``prune --eval`` and ``eval`` under two processes score 3 + 2 windows and add the NLL sums: the numbers
+    equal one process's up to the order of float64 additions; rank 1 prints nothing."""
+    from optimum_statprune import cli
+
+    tmp, src, _ = two_process
+    for name, args in cli_eval_runs(tmp, src, tmp / "corpus.txt", suffix="-one").items():
+        assert cli.main(args) == 0, name
+        assert (tmp / f"{name}-rank1.txt").read_text() == ""
+    two, one = json.loads((tmp / "prune-eval.json").read_text()), json.loads((tmp / "prune-eval-one.json").read_text())
+    for key in ("dense_perplexity", "pruned_perplexity"):
+        assert two["eval"][key] == pytest.approx(one["eval"][key], rel=1e-12), key
+    assert two["eval"]["pruned_perplexity"] != pytest.approx(two["eval"]["dense_perplexity"], rel=1e-6)
+    assert json.loads((tmp / "eval.json").read_text())["perplexity"] == pytest.approx(
+        json.loads((tmp / "eval-one.json").read_text())["perplexity"], rel=1e-12)
 
 
 def test_killed_two_process_run_resumes_bit_identical_under_accelerate_launch(two_process, tmp_path):

@@ -70,6 +70,43 @@ def test_perplexity_windows_are_independent():
     assert together == pytest.approx(math.exp(sum(per_window) / len(per_window)), rel=1e-6)
 
 
+class OneOfTwoRanks:
+    """Rank ``rank`` of two: the real share arithmetic, and an all-reduce that adds the other rank's sums
+    (computed here by hand) so one rank's call can be checked without a process group."""
+
+    def __init__(self, rank: int, other_sums: tuple[float, int]):
+        from optimum_statprune.engine.distributed import DistContext
+
+        self.ctx = DistContext(rank=rank, world_size=2)
+        self.other = list(other_sums)
+        self.active, self.is_main, self.part = True, rank == 0, self.ctx.part
+
+    def all_sum(self, value: float) -> float:
+        return value + self.other.pop(0)
+
+
+def test_perplexity_scores_only_its_share_of_the_windows_and_adds_the_others():
+    """5 windows over two ranks: rank 0 scores windows 0-2, rank 1 windows 3-4 (checked by counting what
+    reaches the model), and with the other rank's sums added both return the one-process perplexity."""
+    model = tiny_llama()
+    windows = torch.randint(0, 101, (5, 11), generator=torch.Generator().manual_seed(3))
+    seen: list[torch.Tensor] = []
+    handle = model.model.embed_tokens.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
+
+    def sums(part: torch.Tensor) -> tuple[float, int]:
+        return math.log(hand_perplexity(model, part)) * part.shape[0] * 10, part.shape[0] * 10
+
+    try:
+        for rank, mine, other in ((0, slice(0, 3), slice(3, 5)), (1, slice(3, 5), slice(0, 3))):
+            other_sums = sums(windows[other])
+            seen.clear()
+            got = perplexity(model, windows, batch_size=2, disable_progress=True, dist=OneOfTwoRanks(rank, other_sums))
+            assert torch.equal(torch.cat(seen), windows[mine])
+            assert got == pytest.approx(hand_perplexity(model, windows), rel=1e-5)
+    finally:
+        handle.remove()
+
+
 def test_perplexity_restores_training_mode_and_checks_input():
     model = tiny_llama().train()
     windows = torch.randint(0, 101, (2, 8), generator=torch.Generator().manual_seed(3))

@@ -48,9 +48,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model, tokenizer = models.load_model(ref, args)
     seqlen = models.resolve_seqlen(args.seqlen, model)
     windows = evaluation_windows(texts, tokenizer, seqlen, args.windows)
+    from ..engine.distributed import context
+
+    dist = context()  # under torchrun / accelerate launch each rank scores its share of the windows
     started = time.perf_counter()
-    ppl = models.measure_perplexity(model, windows, args, args.batch_size)
+    ppl = models.measure_perplexity(model, windows, args, args.batch_size, dist)
     seconds = time.perf_counter() - started
+    if not dist.is_main:  # rank 0 alone prints and writes
+        return 0
     sparsity = sparsity_report(model)
     manifest = read_local_manifest(ref)
     result = {

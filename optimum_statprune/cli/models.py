@@ -111,8 +111,9 @@ def resolve_seqlen(seqlen: int, model_or_config: Any) -> int:
     return lowered(seqlen, getattr(model_or_config, "config", model_or_config))
 
 
-def measure_perplexity(model: Any, windows: Any, args: argparse.Namespace, batch_size: int) -> float:
-    """Perplexity on ``windows``; with ``--device`` the model visits that device and comes back."""
+def measure_perplexity(model: Any, windows: Any, args: argparse.Namespace, batch_size: int, dist: Any = None) -> float:
+    """Perplexity on ``windows``; with ``--device`` the model visits that device and comes back. Under a
+    launcher (``dist``: several processes), each rank scores its share of the windows."""
     import torch
 
     from ..evaluate import perplexity
@@ -123,7 +124,7 @@ def measure_perplexity(model: Any, windows: Any, args: argparse.Namespace, batch
     if moved:
         model.to(device)
     try:
-        return perplexity(model, windows, batch_size=batch_size, disable_progress=args.quiet)
+        return perplexity(model, windows, batch_size=batch_size, disable_progress=args.quiet, dist=dist)
     finally:
         if moved:
             model.to(home)

@@ -75,11 +75,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
         # Perplexity needs the model in memory (and a GGUF cannot be streamed): load, check, prune, save.
         model = models.loaded_model(pruner, ref)
         if eval_ids is not None:
-            dense_ppl = models.measure_perplexity(model, eval_ids, args, args.eval_batch_size)
+            dense_ppl = models.measure_perplexity(model, eval_ids, args, args.eval_batch_size, pruner.dist)
     # Without --eval and with a safetensors source, blocks stream from shard to shard.
     saved = pruner.prune(cal_ids, output_dir=output, overwrite=args.overwrite, progress=not args.quiet, activations=args.activations)
     if eval_ids is not None:
-        pruned_ppl = models.measure_perplexity(pruner.model, eval_ids, args, args.eval_batch_size)
+        pruned_ppl = models.measure_perplexity(pruner.model, eval_ids, args, args.eval_batch_size, pruner.dist)
 
     report = pruner.report
     totals = report_totals(report.layers)

@@ -119,12 +119,17 @@ class DistContext:
 
     # ----------------------------------------------------------------------------- shares
     def share(self, n: int) -> range:
-        """This rank's contiguous slice of ``n`` batches; shares differ in size by one at most."""
+        """This rank's contiguous slice of ``n`` calibration batches, refused when a rank would get none."""
         if n < self.world_size:
             raise ValueError(
                 f"{self.world_size} processes need at least {self.world_size} calibration batches (one each), got {n}; "
                 "lower batch_size, raise nsamples, or launch fewer processes"
             )
+        return self.part(n)
+
+    def part(self, n: int) -> range:
+        """This rank's contiguous slice of ``n`` items; slices differ in size by one at most (some may be
+        empty when ``n`` is smaller than the world)."""
         base, extra = divmod(n, self.world_size)
         start = self.rank * base + min(self.rank, extra)
         return range(start, start + base + (1 if self.rank < extra else 0))
