@@ -386,3 +386,27 @@ def test_half_precision_shifted_sums_match_float64(dtype):
     assert torch.all((stats.sum - exact.sum(0)).abs() <= 1e-6 * spread)
     torch.testing.assert_close(stats.variance, ref_var, rtol=1e-6, atol=0)
     torch.testing.assert_close(stats.norm, exact.square().sum(0).sqrt(), rtol=1e-6, atol=0)
+
+
+def test_explicit_token_indices_pick_the_subsample_by_global_index():
+    """An accumulator that sees some of the tokens (an MoE expert) numbers them by ``index``: its subsample is
+    the bottom-k of those indices' keys, however its tokens are split into batches or over accumulators."""
+    x = _tokens(60, 3, seed=22)
+    picked = torch.tensor(sorted({(7 * i) % 60 for i in range(25)}))  # the tokens routed here
+    rows = x[picked]
+    keys = token_keys(picked, 5)
+    order = torch.argsort(keys)[:6]
+    expected = rows[order]
+
+    one = ChannelStats(3, sample_size=6, seed=5)
+    one.update(rows, index=picked)
+    torch.testing.assert_close(one.sample, expected, rtol=0, atol=0)
+
+    a, b = ChannelStats(3, sample_size=6, seed=5), ChannelStats(3, sample_size=6, seed=5)
+    a.update(rows[:10], index=picked[:10])
+    b.update(rows[10:17], index=picked[10:17])
+    b.update(rows[17:], index=picked[17:])
+    _assert_same_stats(a.merge(b), one)
+
+    with pytest.raises(ValueError, match="token indices"):
+        ChannelStats(3, sample_size=6).update(rows, index=picked[:5])

@@ -53,6 +53,10 @@ class Observer:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._stop_after: set[int] | None = None
         self._seen: set[int] = set()
+        # Global index of the current micro-batch's first real token, and the real tokens of the batch
+        # (known once a hook has seen it): experts number their routed tokens by it (``_token_index``).
+        self._base: int | torch.Tensor = 0
+        self._batch_tokens: int | torch.Tensor = 0
 
     def _accumulator(self, name: str, dim: int) -> LayerStatistics:
         acc = self.stats.get(name)
@@ -68,6 +72,19 @@ class Observer:
         self.token_mask = token_mask
         self._seen = set()
         self._batch_inputs = {}
+        self._base = self._base + self._batch_tokens
+        self._batch_tokens = 0
+
+    def _token_index(self, n: int, mask: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+        """The global index of each of the micro-batch's ``n`` token rows (padding rows get their
+        neighbour's, and are dropped by the caller): what one process would number them, whatever the
+        share of batches this process runs. Stays on the device (no synchronisation)."""
+        if mask is None:
+            self._batch_tokens = n
+            return self._base + torch.arange(n, device=device, dtype=torch.int64)
+        running = mask.to(device=device, dtype=torch.int64).cumsum(0)
+        self._batch_tokens = running[-1] if n else 0
+        return self._base + running - 1
 
     def _masked(self, x: torch.Tensor) -> torch.Tensor | None:
         m = self.token_mask
@@ -86,6 +103,7 @@ class Observer:
         for t in targets:
             modules.setdefault(id(t.module), (t.module, []))[1].append(t)
         self._stop_after = set(modules) if stop_when_done else None
+        self._base, self._batch_tokens = self.index_offset, 0  # every pass numbers the tokens afresh
         for key, (module, ts) in modules.items():
             hook = self._expert_hook(key, ts) if ts[0].kind == "expert" else self._linear_hook(key, ts[0])
             self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
@@ -128,6 +146,7 @@ class Observer:
             top_k_index = args[1] if len(args) > 1 else kwargs["top_k_index"]
             hidden = hidden.reshape(-1, hidden.shape[-1]).detach()
             mask = self._masked(hidden)
+            index = self._token_index(hidden.shape[0], mask, hidden.device)
             for e, ts in by_expert.items():
                 routed = (top_k_index == e).any(dim=-1)
                 if mask is not None:
@@ -135,12 +154,13 @@ class Observer:
                 x = hidden[routed]
                 if x.shape[0] == 0:
                     continue
+                routed_index = index[routed]  # numbered among all tokens, so any split of the batches agrees
                 if "gate_up_proj" in ts:
-                    self._accumulator(ts["gate_up_proj"].name, x.shape[-1]).update(x)
+                    self._accumulator(ts["gate_up_proj"].name, x.shape[-1]).update(x, index=routed_index)
                 if "down_proj" in ts:
                     gate_up = Target("", module, "expert", "gate_up_proj", e).weight()
                     h = module._apply_gate(nn.functional.linear(x, gate_up))
-                    self._accumulator(ts["down_proj"].name, h.shape[-1]).update(h)
+                    self._accumulator(ts["down_proj"].name, h.shape[-1]).update(h, index=routed_index)
             self._done(key)
 
         return hook

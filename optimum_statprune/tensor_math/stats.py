@@ -80,10 +80,16 @@ class ChannelStats:
 
     # ------------------------------------------------------------------ accumulation
     @torch.no_grad()
-    def update(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
-        """Add tokens ``x`` of shape ``[..., dim]``; ``mask`` (shape ``x.shape[:-1]``, True = real token) drops padding."""
+    def update(self, x: torch.Tensor, mask: torch.Tensor | None = None, index: torch.Tensor | None = None) -> None:
+        """Add tokens ``x`` of shape ``[..., dim]``; ``mask`` (shape ``x.shape[:-1]``, True = real token) drops padding.
+
+        ``index`` (one per kept row): each token's global index for the subsample, for an accumulator that
+        sees only some of the tokens (an MoE expert sees those routed to it); by default the tokens are
+        numbered on from ``index_offset`` in the order they arrive."""
         rows = token_rows(x, self.dim, mask)
         n = rows.shape[0]
+        if index is not None and index.numel() != n:
+            raise ValueError(f"{index.numel()} token indices for {n} tokens")
         if n == 0:
             return
         if self.sum.device != rows.device:
@@ -97,9 +103,10 @@ class ChannelStats:
                 self.sum += chunk.sum(0)
                 self.sumsq += chunk.square().sum(0)
         if self.sample_size:
-            first = self.index_offset + self.count
-            index = torch.arange(first, first + n, device=rows.device, dtype=torch.int64)
-            self._offer(token_keys(index, self.seed), rows)
+            if index is None:
+                first = self.index_offset + self.count
+                index = torch.arange(first, first + n, device=rows.device, dtype=torch.int64)
+            self._offer(token_keys(index.to(rows.device, torch.int64), self.seed), rows)
         self.count += n
 
     def _add_shifted(self, rows: torch.Tensor) -> None:
@@ -339,10 +346,11 @@ class LayerStatistics:
             else:
                 self.hessian = HessianAccumulator(dim, device=device)
 
-    def update(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
-        """Add tokens ``x`` (``[..., dim]``, ``mask`` True = real token) to every statistic kept."""
+    def update(self, x: torch.Tensor, mask: torch.Tensor | None = None, index: torch.Tensor | None = None) -> None:
+        """Add tokens ``x`` (``[..., dim]``, ``mask`` True = real token) to every statistic kept; ``index``: the
+        kept tokens' global indices, as ``ChannelStats.update`` takes them."""
         if self.channel is not None:
-            self.channel.update(x, mask)
+            self.channel.update(x, mask, index)
         if self.hessian is not None:
             self.hessian.update(x, mask)
 
