@@ -19,6 +19,7 @@ from optimum_statprune.tensor_math.compensation import (
     energy_compensation,
     lsq_row_scale,
     output_error,
+    times_transpose,
 )
 from optimum_statprune.tensor_math.masks import nm_mask, unstructured_mask
 from optimum_statprune.tensor_math.stats import ChannelStats
@@ -567,3 +568,52 @@ def test_energy_compensation_matches_reference_property(case, steps, centered):
     expected = torch.tensor(ref_ec(w0.tolist(), mask.tolist(), steps, centered, *clamp), dtype=torch.float64)
     scale = w0.abs().max().item()
     torch.testing.assert_close(out.to(torch.float64), expected, rtol=1e-4, atol=1e-5 * scale)
+
+
+# --------------------------------------------------------------------------- float32 products from half parts
+
+
+def _weights_and_rows(dtype: torch.dtype, device: str = "cpu"):
+    g = torch.Generator().manual_seed(31)
+    x = (torch.randn(300, 48, generator=g) * 3).to(dtype).to(device)
+    x[:3, 5] = 2000.0  # a massive activation
+    d = (torch.randn(24, 48, generator=g, dtype=torch.float64) * 0.02).float().to(device)
+    d[:, :10] *= 1e-3  # small differences, as a compensation's scale leaves them
+    return x, d
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_times_transpose_splits_into_half_parts_as_accurate_as_float32(dtype, monkeypatch):
+    """The half-part product (emulated on the CPU: exact products, rounded to float32) against float64; one
+    part alone would be ~1e-3 off, the split is at float32's level."""
+    from optimum_statprune.tensor_math import compensation
+
+    calls = []
+
+    def emulated(a, b):
+        calls.append(a.dtype)
+        return (a.double() @ b.double()).float()
+
+    monkeypatch.setattr(compensation, "half_product", emulated)
+    x, d = _weights_and_rows(dtype)
+    exact = x.double() @ d.double().T
+    got = compensation.times_transpose(x, d)
+    assert got.dtype == torch.float32 and len(calls) == compensation._SPLIT[dtype][0]
+    error = ((got.double() - exact).norm() / exact.norm()).item()
+    one_part = ((emulated(x, d.to(dtype).T).double() - exact).norm() / exact.norm()).item()
+    assert error < 1e-6 < one_part
+
+
+def test_times_transpose_on_a_cpu_is_the_float32_product():
+    for dtype in (torch.float16, torch.float32):
+        x, d = _weights_and_rows(dtype)
+        assert torch.equal(times_transpose(x, d), x.float() @ d.T)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the half-precision product needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_times_transpose_on_a_gpu_matches_float64(dtype):
+    x, d = _weights_and_rows(dtype, "cuda")
+    exact = x.double() @ d.double().T
+    got = times_transpose(x, d)
+    assert ((got.double() - exact).norm() / exact.norm()).item() < 1e-6

@@ -12,13 +12,42 @@ from typing import Any
 
 import torch
 
-from .stats import ChannelStats
+from .stats import ChannelStats, half_product
 
 _TINY = 1e-12
+# Half-precision parts a float32 matrix is split into for ``times_transpose``, and the scale between them:
+# two fp16 parts hold 22 of float32's 24 mantissa bits, three bf16 parts all 24.
+_SPLIT = {torch.float16: (2, 2.0**11), torch.bfloat16: (3, 2.0**8)}
 
 
 def _f32(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to(torch.float32)
+
+
+def times_transpose(x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """``x @ d.T`` in float32, for token rows ``x`` and a float32 matrix ``d``.
+
+    Half-precision ``x`` on CUDA (the layer check of a half-precision model): ``d`` is split into
+    half-precision parts, ``d ~ p0 + p1 / s + p2 / s^2``, and each part is multiplied on the tensor cores with
+    a float32 result. ``x`` is exact in its own dtype, so the product is as accurate as a float32 one
+    (relative 2^-22 with fp16's two parts) at a fraction of its time: the float32 products of the layer
+    check were 1.1 s of a 7B run on an H200. Elsewhere, or where this torch has no such product (a CPU):
+    float32."""
+    split = _SPLIT.get(x.dtype)
+    if split is not None:
+        parts, scale = split
+        out, rest, unit = None, _f32(d), 1.0
+        for _ in range(parts):
+            part = (rest / unit).to(x.dtype)
+            product = half_product(x, part.T)
+            if product is None:
+                break
+            out = product * unit if out is None else out.add_(product, alpha=unit)
+            rest = rest - part.float() * unit
+            unit /= scale
+        else:
+            return out
+    return _f32(x) @ _f32(d).T
 
 
 def _ratio_scale(num: torch.Tensor, den: torch.Tensor, clamp: tuple[float, float]) -> torch.Tensor:
@@ -70,9 +99,8 @@ def activation_energy_row_scale(
 
 def lsq_row_scale(w0: torch.Tensor, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Per row, the ``s_i`` minimising ``||w0_i X - s_i w_i X||^2`` over token rows ``x`` ``[k, d_in]``."""
-    x = _f32(x)
-    y0 = x @ _f32(w0).T
-    y = x @ _f32(w).T
+    y0 = times_transpose(x, w0)
+    y = times_transpose(x, w)
     num = (y0 * y).sum(0)
     den = y.square().sum(0)
     return torch.where(den > _TINY, num / den.clamp_min(_TINY), torch.ones_like(den))
@@ -90,8 +118,7 @@ def output_error(
     bias_delta: torch.Tensor | None = None,
 ) -> float:
     """``||X w0^T - (X w^T + delta_b)||^2`` summed over the token rows ``x``."""
-    x = _f32(x)
-    diff = x @ (_f32(w0) - _f32(w)).T
+    diff = times_transpose(x, _f32(w0) - _f32(w))
     if bias_delta is not None:
         diff = diff - bias_delta[None, :]
     return float(diff.square().sum())

@@ -263,11 +263,11 @@ class HessianAccumulator:
 _GRAM_CHUNK_TOKENS = 8192
 
 
-def _half_gram(chunk: torch.Tensor) -> torch.Tensor | None:
-    """``chunk^T chunk`` with fp16/bf16 inputs and an fp32 result, or None where this torch/device has no
-    such product (CPU, older torch)."""
+def half_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
+    """``a @ b`` with fp16/bf16 operands and an fp32 result (exact products, fp32 sums, on the tensor
+    cores), or None where this torch/device has no such product (CPU, older torch)."""
     try:
-        return torch.mm(chunk.T, chunk, out_dtype=torch.float32)
+        return torch.mm(a, b, out_dtype=torch.float32)
     except (RuntimeError, TypeError, NotImplementedError):
         return None
 
@@ -307,7 +307,10 @@ class GramAccumulator(HessianAccumulator):
         )
         for start in range(0, rows.shape[0], self.chunk_tokens):
             chunk = rows[start : start + self.chunk_tokens]
-            product = _half_gram(chunk.contiguous()) if half else None
+            product = None
+            if half:
+                contiguous = chunk.contiguous()
+                product = half_product(contiguous.T, contiguous)
             if product is not None:
                 self.xtx.add_(product)
                 self.half_products += 1
