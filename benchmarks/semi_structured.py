@@ -8,6 +8,8 @@ Per layer (Llama-2-7B and Llama-3-8B linear shapes, fp16, one H200): dense ``F.l
 capability 9.x), at 1 to 8192 tokens per call. Each is timed eagerly and replayed from a CUDA graph: a
 graph replays only the kernels, so the gap between the two is host-side fixed cost (argument checks,
 padding, the cuSPARSELt plan set up on every call) that a serving stack which captures graphs would not pay.
+The sparse result is the transpose of ``W @ x.T``, a column-major view; ``sparse_graph_contiguous_ms`` adds
+the copy to row-major that the layers after it need (``SemiStructuredLinear`` makes it).
 ``direct`` calls ``torch._cslt_sparse_mm`` on the compressed weight with the input already transposed,
 with the algorithm chosen once by ``torch._cslt_sparse_mm_search`` (the plan search torch offers), to
 separate the library's kernel from torch's wrapper.
@@ -92,6 +94,8 @@ def layer_row(name: str, weight: torch.Tensor, sparse: torch.Tensor, compressed:
     row["dense_graph_ms"] = graph_ms(lambda: F.linear(x, weight))
     try:
         row["sparse_graph_ms"] = graph_ms(lambda: F.linear(x, sparse))
+        # what a model pays: the sparse result is a column-major view, made row-major for the next layer
+        row["sparse_graph_contiguous_ms"] = graph_ms(lambda: F.linear(x, sparse).contiguous())
     except RuntimeError as e:
         row["sparse_graph_error"] = str(e).splitlines()[0]
     row["max_abs_diff"] = float((F.linear(x, sparse).float() - F.linear(x, weight).float()).abs().max())

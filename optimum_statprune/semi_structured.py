@@ -30,14 +30,16 @@ def is_two_four(weight: torch.Tensor) -> bool:
 
 
 class SemiStructuredLinear(nn.Linear):
-    """An ``nn.Linear`` whose weight is semi-structured: inputs are flattened to one row per token.
+    """An ``nn.Linear`` whose weight is semi-structured: one row per token in, a row-major result out.
 
     The sparse tensor's ``linear`` takes 2-D inputs; a ``[batch, tokens, features]`` input otherwise goes
-    through ``matmul``'s broadcasting, which the sparse tensor refuses (``expand``) for batched decode
-    and which is slower where it works."""
+    through ``matmul``'s broadcasting, which the sparse tensor refuses (``expand``) for batched decode.
+    Its result is the transpose of ``W @ x.T``, a column-major view; everything after the linear
+    (attention's reshapes, the residual adds) expects row-major tensors, so the result is made contiguous
+    here, one copy of the output."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = nn.functional.linear(x.reshape(-1, x.shape[-1]), self.weight, self.bias)
+        out = nn.functional.linear(x.reshape(-1, x.shape[-1]), self.weight, self.bias).contiguous()
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
 

@@ -71,3 +71,52 @@ def test_converted_linear_flattens_tokens_and_matches_linear():
     for shape in [(8,), (5, 8), (3, 1, 8), (2, 7, 8)]:
         x = torch.randn(shape)
         torch.testing.assert_close(converted(x), dense(x), rtol=0, atol=0)
+
+
+def test_converted_linear_returns_a_row_major_result(monkeypatch):
+    """The sparse product comes back as a column-major view (the transpose of ``W @ x.T``); the converted
+    linear hands the next layer a contiguous tensor. Emulated here with a linear that answers transposed."""
+    from optimum_statprune.semi_structured import SemiStructuredLinear
+
+    def transposed_linear(x, weight, bias=None):
+        out = (weight @ x.T).T  # values of x @ W.T, laid out column-major as the sparse kernel leaves them
+        return out if bias is None else out + bias
+
+    monkeypatch.setattr(torch.nn.functional, "linear", transposed_linear)
+    layer = torch.nn.Linear(8, 6, bias=False)
+    layer.__class__ = SemiStructuredLinear
+    x = torch.randn(2, 5, 8)
+    out = layer(x)
+    assert out.shape == (2, 5, 6) and out.is_contiguous()
+    torch.testing.assert_close(out, x @ layer.weight.T)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="semi-structured kernels need a GPU")
+def test_converted_model_on_gpu_matches_its_dense_twin():
+    """A small Llama (sizes the sparse kernels take) with 2:4 block linears: after conversion its logits match
+    the dense 2:4 model's, every linear was converted, and each converted linear returns a contiguous tensor."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=4, vocab_size=128, max_position_embeddings=128)
+    model = LlamaForCausalLM(config).to("cuda", torch.float16).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for m in layer.modules():
+                if isinstance(m, torch.nn.Linear):
+                    groups = m.weight.reshape(m.weight.shape[0], -1, 4)
+                    keep = groups.abs().topk(2, dim=-1).indices
+                    m.weight.copy_((groups * torch.zeros_like(groups).scatter_(-1, keep, 1.0)).reshape_as(m.weight))
+    ids = torch.randint(0, 128, (2, 64), device="cuda")
+    with torch.no_grad():
+        dense = model(ids).logits.float()
+        converted = to_semi_structured(model)
+        outputs = []
+        hooks = [m.register_forward_hook(lambda m, a, out: outputs.append(out.is_contiguous()))
+                 for m in model.modules() if type(m).__name__ == "SemiStructuredLinear"]
+        sparse = model(ids).logits.float()
+    for h in hooks:
+        h.remove()
+    assert len(converted) == 2 * 7 and len(outputs) == 2 * 7 and all(outputs)
+    torch.testing.assert_close(sparse, dense, rtol=2e-2, atol=2e-2)
