@@ -39,8 +39,8 @@ def test_is_two_four_edges():
     assert not is_two_four(torch.zeros(2, 6))  # width not a multiple of 4
 
 
-def test_cpu_model_is_refused_with_the_fix():
-    model = build("llama")
+def _two_four_blocks(model) -> None:
+    """Keep the 2 largest magnitudes of every 4 inputs in every linear of the decoder blocks."""
     with torch.no_grad():
         for layer in model.model.layers:
             for m in layer.modules():
@@ -48,6 +48,11 @@ def test_cpu_model_is_refused_with_the_fix():
                     groups = m.weight.reshape(m.weight.shape[0], -1, 4)
                     keep = groups.abs().topk(2, dim=-1).indices
                     m.weight.copy_((groups * torch.zeros_like(groups).scatter_(-1, keep, 1.0)).reshape_as(m.weight))
+
+
+def test_cpu_model_is_refused_with_the_fix():
+    model = build("llama")
+    _two_four_blocks(model)
     with pytest.raises(ValueError, match="float16 or bfloat16 on a CUDA device"):
         to_semi_structured(model)
 
@@ -101,13 +106,7 @@ def test_converted_model_on_gpu_matches_its_dense_twin():
     config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=4, vocab_size=128, max_position_embeddings=128)
     model = LlamaForCausalLM(config).to("cuda", torch.float16).eval()
-    with torch.no_grad():
-        for layer in model.model.layers:
-            for m in layer.modules():
-                if isinstance(m, torch.nn.Linear):
-                    groups = m.weight.reshape(m.weight.shape[0], -1, 4)
-                    keep = groups.abs().topk(2, dim=-1).indices
-                    m.weight.copy_((groups * torch.zeros_like(groups).scatter_(-1, keep, 1.0)).reshape_as(m.weight))
+    _two_four_blocks(model)
     ids = torch.randint(0, 128, (2, 64), device="cuda")
     with torch.no_grad():
         dense = model(ids).logits.float()
