@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import build, tiny_tokenizer, token_ids
+from tiny_models import build, save_tiny_llama, tiny_tokenizer, token_ids
 
 from optimum_statprune import StatPruneConfig, StatPruner
 from optimum_statprune.checkpoint import shards
@@ -83,10 +83,7 @@ def test_valid_files_still_read(tmp_path):
 # ---------------------------------------------------------------------------------------- manifest
 @pytest.fixture
 def checkpoint(tmp_path):
-    src = tmp_path / "src"
-    build("llama").save_pretrained(src, max_shard_size="40KB")
-    tiny_tokenizer().save_pretrained(src)
-    return src
+    return save_tiny_llama(tmp_path / "src", "40KB")
 
 
 def _saved(directory: Path) -> tuple[dict[str, str], dict[str, int]]:

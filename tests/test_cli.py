@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import build, tiny_tokenizer
+from tiny_models import build, save_tiny_llama
 
 from optimum_statprune import StatPruneConfig, cli, loading
 from optimum_statprune.cli import config_flags, demo, models
@@ -47,10 +47,7 @@ def workdir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def model_dir(workdir) -> Path:
-    path = workdir / "tiny-llama"
-    build("llama").save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
+    return save_tiny_llama(workdir / "tiny-llama")
 
 
 @pytest.fixture(scope="module")

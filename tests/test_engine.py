@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import BUILDERS, build, token_ids
+from tiny_models import BUILDERS, build, starve_expert, token_ids
 from transformers import AutoModelForCausalLM
 
 from optimum_statprune import StatPruneConfig, StatPruner
@@ -87,13 +87,7 @@ def test_every_architecture_prunes_exactly(arch, method, pattern):
 def test_starved_expert_falls_back_to_magnitude(arch):
     model = build(arch)
     path, blocks = find_blocks(model)
-
-    def never_expert_3(module, args, output):
-        logits, scores, index = output
-        return logits, scores, torch.where(index == 3, torch.zeros_like(index), index)
-
-    for block in blocks:
-        block.mlp.gate.register_forward_hook(never_expert_3)
+    starve_expert(blocks, 3)
     pruner = StatPruner.from_pretrained(model, config=StatPruneConfig(method="wanda"), device="cpu")
     pruner.prune(token_ids(4, 16), progress=False)
     records = {r["name"]: r for r in pruner.report.layers}

@@ -17,7 +17,7 @@ from types import ModuleType
 import pytest
 import torch
 from fake_hub import USER, VALID_TOKEN, fake_hub_session
-from tiny_models import build, tiny_tokenizer
+from tiny_models import save_tiny_llama
 
 from optimum_statprune.sharing.manifest import MANIFEST_NAME
 
@@ -38,10 +38,7 @@ def test_every_example_is_tested():
 
 @pytest.fixture(scope="module")
 def dense_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("examples") / "tiny-llama"
-    build("llama").save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
+    return save_tiny_llama(tmp_path_factory.mktemp("examples") / "tiny-llama")
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import build, tiny_tokenizer, token_ids
+from tiny_models import build, save_tiny_llama, token_ids
 from transformers import AutoModelForCausalLM
 
 from optimum_statprune import StatPruneConfig, StatPruner
@@ -41,10 +41,7 @@ def _assert_identical(a, b):
 
 @pytest.fixture
 def checkpoint(tmp_path):
-    src = tmp_path / "src"
-    build("llama").save_pretrained(src, max_shard_size="40KB")
-    tiny_tokenizer().save_pretrained(src)
-    return src
+    return save_tiny_llama(tmp_path / "src", "40KB")
 
 
 @pytest.mark.parametrize("method,pattern", [("wanda", "unstructured"), ("statprune", "2:4"), ("magnitude", "4:8")])

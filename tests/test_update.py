@@ -11,7 +11,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tiny_models import build, token_ids
+from tiny_models import build, starve_expert, token_ids
 from torch import nn
 
 from optimum_statprune import StatPruneConfig, StatPruner
@@ -208,13 +208,7 @@ def test_layer_groups_are_kept_exactly_by_the_gradual_mask():
 def test_experts_without_tokens_fall_back_and_the_others_are_updated(arch):
     model = build(arch)
     _, blocks = find_blocks(model)
-
-    def never_expert_3(module, args, output):
-        logits, scores, index = output
-        return logits, scores, torch.where(index == 3, torch.zeros_like(index), index)
-
-    for block in blocks:
-        block.mlp.gate.register_forward_hook(never_expert_3)
+    starve_expert(blocks, 3)
     pruner = StatPruner.from_pretrained(model, config=StatPruneConfig(method="quality"), device="cpu")
     pruner.prune(IDS, progress=False)
     records = {r["name"]: r for r in pruner.report.layers}

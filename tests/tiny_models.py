@@ -72,3 +72,23 @@ def tiny_tokenizer():
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]")
+
+
+def save_tiny_llama(path, max_shard_size: str | None = None):
+    """The tiny Llama and its tokenizer saved at ``path`` (shards of ``max_shard_size`` to get many); ``path``."""
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    build("llama").save_pretrained(path, **kwargs)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def starve_expert(blocks, expert: int = 3) -> None:
+    """Route no token to ``expert`` in any of the MoE ``blocks`` (sent to expert 0 instead), through a hook on
+    each router's output."""
+
+    def reroute(module, args, output):
+        logits, scores, index = output
+        return logits, scores, torch.where(index == expert, torch.zeros_like(index), index)
+
+    for block in blocks:
+        block.mlp.gate.register_forward_hook(reroute)
