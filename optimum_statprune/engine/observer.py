@@ -146,7 +146,8 @@ class Observer:
             top_k_index = args[1] if len(args) > 1 else kwargs["top_k_index"]
             hidden = hidden.reshape(-1, hidden.shape[-1]).detach()
             mask = self._masked(hidden)
-            index = self._token_index(hidden.shape[0], mask, hidden.device)
+            # global token indices pick the subsample; without one (no compensation) they are not needed
+            index = self._token_index(hidden.shape[0], mask, hidden.device) if self.sample else None
             for e, ts in by_expert.items():
                 routed = (top_k_index == e).any(dim=-1)
                 if mask is not None:
@@ -154,7 +155,7 @@ class Observer:
                 x = hidden[routed]
                 if x.shape[0] == 0:
                     continue
-                routed_index = index[routed]  # numbered among all tokens, so any split of the batches agrees
+                routed_index = index[routed] if index is not None else None  # any split of the batches agrees
                 if "gate_up_proj" in ts:
                     self._accumulator(ts["gate_up_proj"].name, x.shape[-1]).update(x, index=routed_index)
                 if "down_proj" in ts:
