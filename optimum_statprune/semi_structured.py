@@ -1,8 +1,8 @@
 """Run a 2:4-pruned model on sparse tensor cores: its block linears as ``torch.sparse`` semi-structured tensors.
 
 Opt-in, and measure before you use it: on an H200 with torch 2.11 (cuSPARSELt) a converted Llama-2-7B-shaped
-model was 2.5-3.5x slower than dense fp16 in prefill and decode, eager, replayed from a CUDA graph or under
-``torch.compile``, although single graph-replayed sparse matmuls of 2048+ tokens beat dense by 15-30%
+model was 2.5-3.5x slower than dense fp16 in prefill and decode, eager or replayed from a CUDA graph (1.9-4.4x
+under ``torch.compile``, against dense compiled), although single graph-replayed sparse matmuls of 2048+ tokens beat dense by 15-30%
 (docs/performance.md, ``benchmarks/semi_structured.py``). Other stacks differ. The conversion is exact:
 the same products, from the compressed weight.
 """
