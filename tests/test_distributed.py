@@ -174,9 +174,10 @@ def test_cli_under_the_launcher_speaks_and_writes_on_rank_0_only(two_process):
     assert verify(tmp / "cli").ok
 
 
-def test_perplexity_under_the_launcher_splits_the_windows_and_equals_one_process(two_process):
-    """``prune --eval`` and ``eval`` under two processes score 3 + 2 windows and add the NLL sums: the numbers
-    equal one process's up to the order of float64 additions; rank 1 prints nothing."""
+def test_perplexity_under_the_launcher_equals_one_process_and_rank_1_is_silent(two_process):
+    """``prune --eval`` and ``eval`` under two processes (each scoring its share of the 5 windows, which
+    ``test_evaluate`` checks window by window) give one process's perplexities up to the order of float64
+    additions; rank 1 prints nothing."""
     from optimum_statprune import cli
 
     tmp, src, _ = two_process
