@@ -70,8 +70,26 @@ def centered_float32_copy(x):
     return ds + n * shift, dq + 2 * shift * ds + n * shift.square()
 
 
+def welford_batch_norm(x):
+    """One read of the half-precision values: per-channel mean and variance by Welford's update in float32
+    (``torch.batch_norm_stats``, CUDA only; eps 0, so the variance is ``invstd ** -2``), as raw float64 sums."""
+    n = x.shape[0]
+    mean, invstd = torch.batch_norm_stats(x, 0.0)
+    mean, var = mean.double(), invstd.double().pow(-2)
+    return n * mean, n * (var + mean.square())
+
+
+def welford_float_copy(x):
+    """``torch.var_mean`` on a float32 copy (it returns the input's dtype, so half inputs need the copy)."""
+    n = x.shape[0]
+    var, mean = torch.var_mean(x.float(), dim=0, correction=0)
+    mean, var = mean.double(), var.double()
+    return n * mean, n * (var + mean.square())
+
+
 CANDIDATES = {"float64_chunks": float64_chunks, "engine": engine, "float32_fused": float32_fused,
-              "exact_square": exact_square, "centered_float32_copy": centered_float32_copy}
+              "exact_square": exact_square, "centered_float32_copy": centered_float32_copy,
+              "welford_batch_norm": welford_batch_norm, "welford_float_copy": welford_float_copy}
 
 
 def ms(fn, x, iters=20) -> float:

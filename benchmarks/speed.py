@@ -42,6 +42,7 @@ of docs/performance.md (sums in another order).
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
 import json
 import os
@@ -127,7 +128,7 @@ def streaming_options(spec: str):
     return StreamingOptions.parse(VARIANTS.get(spec, spec))
 
 
-def _floor(args: argparse.Namespace, ids, device: str) -> float:
+def _floor(args: argparse.Namespace, ids, device: str, profiler) -> float:
     """Seconds for two dense passes of every block over the calibration set, the model already loaded."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -140,7 +141,7 @@ def _floor(args: argparse.Namespace, ids, device: str) -> float:
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     sync()
     start = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), profiler:
         path, blocks = find_blocks(model, None)
         batches = list(iter_batches(ids, None, args.batch_size))
         inputs = capture_block_inputs(model, path, blocks, batches, torch.device(device))
@@ -173,17 +174,20 @@ def run_one(args: argparse.Namespace) -> dict:
     device = args.device
     if device == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"  # one GPU per rank (torch.distributed.run)
-    if method == "floor":
-        total = _floor(args, ids, device)
-        return {"nproc": 1, "tool": "optimum-statprune", "method": "floor", "end_to_end_s": total,
-                "pruning_s": total, "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
-                "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
     profiler = contextlib.nullcontext()
     if args.profile:
         activities = [torch.profiler.ProfilerActivity.CPU]
         if torch.cuda.is_available():
             activities.append(torch.profiler.ProfilerActivity.CUDA)
         profiler = torch.profiler.profile(activities=activities)
+    profile_path = Path(args.profile or ".") / f"{Path(args.output).name}-{args.variant or 'default'}.txt"
+    if method == "floor":
+        total = _floor(args, ids, device, profiler)
+        if args.profile:
+            _write_profile(profiler, profile_path)
+        return {"nproc": 1, "tool": "optimum-statprune", "method": "floor", "end_to_end_s": total,
+                "pruning_s": total, "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+                "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
     start = time.perf_counter()
     config = StatPruneConfig(method=method, sparsity=args.sparsity, pattern=args.pattern,
                              nsamples=ids.shape[0], seqlen=ids.shape[1], batch_size=args.batch_size)
@@ -200,7 +204,7 @@ def run_one(args: argparse.Namespace) -> dict:
             pruner.prune(ids, output_dir=args.output, overwrite=True, progress=False, streaming=options)
     total = time.perf_counter() - start
     if args.profile:
-        _write_profile(profiler, Path(args.profile) / f"{Path(args.output).name}-{args.variant or 'default'}.txt")
+        _write_profile(profiler, profile_path)
     report = pruner.report
     blocks = report.block_seconds
     dist = pruner.dist
@@ -237,8 +241,51 @@ def _write_profile(prof, path: Path) -> None:
     for e in sorted(phases, key=lambda e: -e.cpu_time_total):
         lines.append(f"{e.key} | {e.count} | {e.cpu_time_total / 1e6:.3f} | {e.device_time_total / 1e6:.3f}")
     sort = "cuda_time_total" if any(e.device_time_total for e in events) else "cpu_time_total"
+    lines += _idle_gaps(prof)
     lines += ["", events.table(sort_by=sort, row_limit=45), "", events.table(sort_by="self_cpu_time_total", row_limit=30)]
     path.write_text("\n".join(lines))
+
+
+def _idle_gaps(prof, top: int = 15) -> list[str]:
+    """How long the GPU ran nothing, and its longest idle stretches with the engine phase the host was in:
+    where the host, not the GPU, sets the pace."""
+    from torch.autograd import DeviceType
+
+    events = prof.events()
+    device = sorted((e.time_range.start, e.time_range.end) for e in events
+                    if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start)
+    if not device:
+        return []
+    phases = sorted((e.time_range.start, e.time_range.end, e.name) for e in events
+                    if e.device_type == DeviceType.CPU and e.name.startswith("statprune::"))
+    busy, gaps, (start, end) = 0.0, [], device[0]
+    for s, e in device[1:]:
+        if s > end:
+            busy += end - start
+            gaps.append((s - end, end))
+            start, end = s, e
+        else:
+            end = max(end, e)
+    busy += end - start
+    span = device[-1][1] - device[0][0]
+
+    starts = [p[0] for p in phases]
+
+    def phase_at(t: float) -> str:  # the engine's phases do not nest: the last one begun before t
+        k = bisect.bisect_right(starts, t) - 1
+        return phases[k][2] if k >= 0 and t <= phases[k][1] else "(outside the block loop)"
+
+    idle: dict[str, float] = {}
+    for length, at in gaps:
+        name = phase_at(at)
+        idle[name] = idle.get(name, 0.0) + length
+    lines = ["", f"GPU busy {busy / 1e6:.3f} s of {span / 1e6:.3f} s from its first to its last kernel "
+             f"({busy / span:.1%}); idle by the host's phase at the gap's start:"]
+    lines += [f"  {name}: {seconds / 1e6:.3f} s" for name, seconds in sorted(idle.items(), key=lambda kv: -kv[1])]
+    lines.append("longest idle stretches (ms, at s from the first kernel, phase):")
+    for length, at in sorted(gaps, reverse=True)[:top]:
+        lines.append(f"  {length / 1e3:.1f} ms at {(at - device[0][0]) / 1e6:.3f} s, {phase_at(at)}")
+    return lines
 
 
 def _weights_digest(output: Path) -> str | None:
