@@ -252,8 +252,9 @@ def _idle_gaps(prof, top: int = 15) -> list[str]:
     from torch.autograd import DeviceType
 
     events = prof.events()
-    device = sorted((e.time_range.start, e.time_range.end) for e in events
-                    if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start)
+    device = sorted((e.time_range.start, e.time_range.end) for e in events  # kernels and copies, not the
+                    if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start  # phases' spans
+                    and not e.name.startswith("statprune::"))
     if not device:
         return []
     phases = sorted((e.time_range.start, e.time_range.end, e.name) for e in events
