@@ -388,6 +388,54 @@ def test_half_precision_shifted_sums_match_float64(dtype):
     torch.testing.assert_close(stats.norm, exact.square().sum(0).sqrt(), rtol=1e-6, atol=0)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Welford's statistics run on CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_welford_on_cuda_matches_float64(dtype):
+    """The CUDA path (per-batch Welford mean and variance in float32, then float64 sums) against float64
+    sums of the same rounded values: zero-mean, large-mean (var / m2 ~ 6e-6), tiny, constant and massive
+    channels, padding dropped, and the batch split not changing the subsample. Tolerances: the variance is
+    Welford's (no cancellation), so ~1e-6 relative; the mean and second moment carry float32's rounding of
+    the batch mean (~1e-7 relative to the mean, not to the spread)."""
+    g = torch.Generator().manual_seed(21)
+    x = torch.randn(3, 700, 7, generator=g, dtype=torch.float64)
+    x[..., 1] = 200 + 0.5 * x[..., 1]
+    x[..., 2] *= 1e-3
+    x[0, :5, 3] = 1e4
+    x[..., 6] = 3.0  # constant: variance exactly 0
+    x = x.to(dtype)
+    mask = torch.rand(3, 700, generator=g) > 0.2
+    stats = ChannelStats(7, sample_size=64, seed=3, device="cuda")
+    for b in range(3):
+        stats.update(x[b].cuda(), mask[b].cuda())
+    exact = x[mask].to(torch.float64)
+    ref_mean = exact.mean(0)
+    ref_var = ((exact - ref_mean) ** 2).mean(0)
+    assert stats.count == exact.shape[0]
+    torch.testing.assert_close(stats.mean.cpu(), ref_mean, rtol=3e-7, atol=0)
+    torch.testing.assert_close(stats.variance.cpu()[:6], ref_var[:6], rtol=2e-6, atol=0)
+    assert float(stats.variance[6]) == 0.0
+    torch.testing.assert_close(stats.second_moment.cpu(), (exact**2).mean(0), rtol=1e-6, atol=0)
+    cpu = ChannelStats(7, sample_size=64, seed=3)  # the subsample does not depend on the device
+    for b in range(3):
+        cpu.update(x[b], mask[b])
+    assert torch.equal(stats.sample.cpu(), cpu.sample)
+
+
+def test_linears_reading_one_batch_keep_the_same_token_rows():
+    """q/k/v (one input, one seed per block) keep the same subsample positions; a second batch and another
+    seed still pick by global index, as an unshared computation would."""
+    x = _tokens(300, 4, seed=30)
+    a, b = ChannelStats(4, sample_size=16, seed=9), ChannelStats(4, sample_size=16, seed=9)
+    for part in x.split(120):
+        a.update(part)
+        b.update(part * 2)
+    torch.testing.assert_close(b.sample, a.sample * 2, rtol=0, atol=0)
+    order = torch.argsort(token_keys(torch.arange(300), 9))[:16]
+    torch.testing.assert_close(a.sample, x[order], rtol=0, atol=0)
+    other = _accumulate(x, [300], sample_size=16, seed=10)
+    torch.testing.assert_close(other.sample, x[torch.argsort(token_keys(torch.arange(300), 10))[:16]], rtol=0, atol=0)
+
+
 def test_explicit_token_indices_pick_the_subsample_by_global_index():
     """An accumulator that sees some of the tokens (an MoE expert) numbers them by ``index``: its subsample is
     the bottom-k of those indices' keys, however its tokens are split into batches or over accumulators."""

@@ -3,9 +3,10 @@ subsample (``ChannelStats``), the Gram matrix ``X^T X`` (``HessianAccumulator``)
 container of whichever of the two a run needs (``LayerStatistics``).
 
 Sums are kept in float64 so that half-precision activations of ~1e4 ("massive activations") neither
-overflow nor lose their variance to cancellation in ``m2 - mean^2``; half-precision batches are summed in
-float32 about their own mean first (``ChannelStats._add_shifted``), which is as safe and ~5x faster. Two accumulators merge by
-addition, so several devices can all-reduce them.
+overflow nor lose their variance to cancellation in ``m2 - mean^2``. A half-precision batch gets its own
+mean and variance in float32 first (Welford's update on CUDA, ``ChannelStats._add_welford``; sums about
+the batch mean elsewhere, ``_add_shifted``), which is as safe and several times faster than float64
+copies. Two accumulators merge by addition, so several devices can all-reduce them.
 
 The token subsample (used by the least-squares scale and the safety check) is a bottom-k sample on a
 hash of each token's global index: which rows are kept depends on the seed and on the token order,
@@ -13,6 +14,8 @@ never on how the tokens were split into batches.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -36,6 +39,18 @@ def token_keys(index: torch.Tensor, seed: int) -> torch.Tensor:
     """Sampling priority of each global token index (smaller is kept first); unique per index."""
     h = _hash32(_hash32(index) ^ _hash32(torch.full_like(index, seed + 0x9E3779B9)))
     return (h << 31) | (index & 0x7FFFFFFF)
+
+
+@functools.lru_cache(maxsize=4)
+def _numbered_sample(first: int, n: int, seed: int, k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The sampling keys of tokens ``first .. first + n - 1`` that are among their ``k`` smallest, and those
+    tokens' positions (None: all ``n`` are). Every linear of a block that reads one micro-batch asks for the
+    same (same seed, same tokens): computed once, not once per input (~20 small kernels each)."""
+    keys = token_keys(torch.arange(first, first + n, device=device, dtype=torch.int64), seed)
+    if n <= k:
+        return keys, None
+    keys, kept = torch.topk(keys, k, largest=False, sorted=False)
+    return keys, kept
 
 
 def token_rows(x: torch.Tensor, dim: int, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -94,7 +109,9 @@ class ChannelStats:
             return
         if self.sum.device != rows.device:
             self.to(rows.device)
-        if rows.dtype in _HALF:
+        if rows.dtype in _HALF and rows.is_cuda:
+            self._add_welford(rows)
+        elif rows.dtype in _HALF:
             self._add_shifted(rows)
         else:
             step = max(1, _CHUNK_ELEMENTS // self.dim)
@@ -104,10 +121,24 @@ class ChannelStats:
                 self.sumsq += chunk.square().sum(0)
         if self.sample_size:
             if index is None:
-                first = self.index_offset + self.count
-                index = torch.arange(first, first + n, device=rows.device, dtype=torch.int64)
-            self._offer(token_keys(index.to(rows.device, torch.int64), self.seed), rows)
+                keys, kept = _numbered_sample(self.index_offset + self.count, n, self.seed, self.sample_size,
+                                              rows.device)
+                self._offer(keys, rows if kept is None else rows[kept])
+            else:
+                self._offer(token_keys(index.to(rows.device, torch.int64), self.seed), rows)
         self.count += n
+
+    def _add_welford(self, rows: torch.Tensor) -> None:
+        """Half-precision rows on CUDA: the batch's per-channel mean and variance by Welford's update in
+        float32, in one read of the rows (``torch.batch_norm_stats``, the kernel of batch norm's statistics),
+        moved to raw sums in float64. Welford's update keeps the spread, not the mean, so a channel with a
+        large mean and a small spread loses nothing; errors stay near 3e-7 of the variance
+        (``benchmarks/channel_stats.py``), ~3x faster than the shifted sums."""
+        n = rows.shape[0]
+        mean, invstd = torch.batch_norm_stats(rows.contiguous(), 0.0)  # eps 0: invstd = var ** -1/2
+        mean, var = mean.to(torch.float64), invstd.to(torch.float64).pow(-2)  # a constant channel: inf -> 0
+        self.sum += n * mean
+        self.sumsq += n * (var + mean.square())
 
     def _add_shifted(self, rows: torch.Tensor) -> None:
         """Half-precision rows: float32 sums about the batch's own mean, moved to raw sums in float64.
@@ -136,7 +167,7 @@ class ChannelStats:
             keys, idx = torch.topk(keys, k, largest=False, sorted=False)
             rows = rows[idx]
         if self.sample_rows is None:
-            self.sample_keys, self.sample_rows = keys, rows.clone()
+            self.sample_keys, self.sample_rows = keys.clone(), rows.clone()
             return
         all_keys = torch.cat([self.sample_keys, keys.to(self.sample_keys.device)])
         all_rows = torch.cat([self.sample_rows, rows.to(self.sample_rows.device, self.sample_rows.dtype)])
