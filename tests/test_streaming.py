@@ -279,6 +279,54 @@ def test_pinned_and_pageable_write_buffers_give_identical_output_on_gpu(tmp_path
     _assert_identical(tmp_path / "pinned", tmp_path / "pageable")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA copy streams need a GPU")
+def test_streamed_on_gpu_equals_in_memory_and_synchronous_copies(tmp_path):
+    """On a GPU the prefetch thread copies each block to the device on its own stream, and pruned blocks go
+    to pinned buffers on a side stream the host does not wait for. In float16 (Welford's statistics, the
+    half-precision layer check): the same bytes as without either (no prefetch, pageable buffers) and as
+    the in-memory prune on the same GPU."""
+    src = _four_block_checkpoint(tmp_path / "src")
+    cfg = StatPruneConfig(method="statprune", sample_tokens=32)
+    ids = token_ids(6, 16)
+    for name, spec in (("async", ""), ("sync", "prefetch=0,pin_write_buffers=0")):
+        StatPruner.from_pretrained(src, config=cfg, device="cuda", dtype=torch.float16).prune(
+            ids, output_dir=tmp_path / name, progress=False, streaming=streaming.StreamingOptions.parse(spec))
+    memory = StatPruner.from_pretrained(src, config=cfg, device="cuda", dtype=torch.float16)
+    memory.prune(ids, progress=False)
+    memory.save_pretrained(tmp_path / "memory")
+    _assert_identical(tmp_path / "async", tmp_path / "sync")
+    _assert_identical(tmp_path / "async", tmp_path / "memory")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA copy streams need a GPU")
+def test_copies_on_a_side_stream_keep_their_sources_until_done():
+    """A block is freed right after its copies are queued, and the next block's work reuses GPU memory at
+    once: the copies, held behind a busy stream, must still read the freed block's bytes (the sources are
+    kept from reuse until the side stream is done)."""
+    named = [(f"w{i}", torch.randn(2048, 2048, device="cuda", dtype=torch.float16)) for i in range(4)]
+    expected = {f"b.w{i}": v.cpu() for i, (_, v) in enumerate(named)}
+    buffer = torch.empty(streaming._packed_size(named), dtype=torch.uint8, pin_memory=True)
+    torch.cuda._sleep(200_000_000)  # the current stream is busy; the side stream's copies wait for it
+    out, ready = streaming._pack("b.", named, buffer, torch.cuda.Stream())
+    del named
+    reuse = [torch.zeros(2048, 2048, device="cuda", dtype=torch.float16) for _ in range(8)]  # would take it
+    ready.synchronize()
+    assert all(torch.equal(out[k], expected[k]) for k in expected)
+    del reuse
+
+
+def test_host_buffer_pool_prepares_buffers_in_the_background():
+    """``prepare`` fills the pool's free slots on another thread; ``acquire`` hands those buffers out (no
+    second allocation) and still allocates when a block needs more than was prepared."""
+    pool = streaming.HostBufferPool(3)
+    pool.prepare(1000, 2)
+    a, b = pool.acquire(1000), pool.acquire(900)
+    assert a.numel() == b.numel() == 1000 and a.data_ptr() != b.data_ptr()
+    pool.release(a)
+    assert pool.acquire(1000).data_ptr() == a.data_ptr()
+    assert pool.acquire(5000).numel() == 5000  # the third slot was not prepared: allocated on demand
+
+
 def test_host_buffer_pool_reuses_and_bounds_buffers():
     """Released buffers come back before new ones are made; never more than ``count`` exist; a full pool
     makes ``acquire`` wait until one is released; ``reuse=False`` hands out fresh memory each time."""

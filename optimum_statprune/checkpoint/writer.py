@@ -54,6 +54,30 @@ class HostBufferPool:
         for _ in range(count):
             self._free.put(None)
 
+    def prepare(self, nbytes: int, count: int) -> None:
+        """Allocate up to ``count`` buffers of ``nbytes`` now, on a background thread. Page-locking a buffer
+        of a 7B block takes ~0.1 s of host time; left to ``acquire`` it falls on the main thread at the
+        first blocks' stores, and the GPU waits for it. ``acquire`` waits for a buffer being prepared."""
+        if not self.reuse:
+            return
+        taken = []
+        while len(taken) < count:
+            try:
+                taken.append(self._free.get_nowait())
+            except queue.Empty:
+                break
+
+        def fill() -> None:
+            for placeholder in taken:
+                buffer = placeholder
+                try:
+                    if placeholder is None:
+                        buffer = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=self.pin)
+                finally:  # a failed allocation leaves the placeholder: acquire allocates then, as without this
+                    self._free.put(buffer)
+
+        threading.Thread(target=fill, name="statprune-host-buffers", daemon=True).start()
+
     def acquire(self, nbytes: int) -> torch.Tensor:
         buffer = self._free.get()
         if buffer is None or not self.reuse or buffer.numel() < nbytes:
@@ -102,11 +126,12 @@ class ShardWriter:
         self._syncer.start()
 
     def submit(self, index: int, tensors: dict[str, torch.Tensor], hashed: dict[str, tuple[str, int | None]],
-               records: list[dict], release=None, extra: dict[str, Any] | None = None) -> None:
+               records: list[dict], release=None, extra: dict[str, Any] | None = None, ready=None) -> None:
         """Queue block ``index``'s shard; ``release()`` is called once ``tensors`` are no longer read.
-        ``extra`` goes into the block's state entry (e.g. the digest of its source bytes, its seconds)."""
+        ``extra`` goes into the block's state entry (e.g. the digest of its source bytes, its seconds).
+        ``ready`` (e.g. a CUDA event) is synchronized before ``tensors`` are read: copies still filling them."""
         self._raise()
-        self._queue.put((index, tensors, hashed, records, release, extra or {}))
+        self._queue.put((index, tensors, hashed, records, release, extra or {}, ready))
 
     def submit_file(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
         """Write (and make durable) a shard that is not a block, e.g. the tensors outside the blocks."""
@@ -133,8 +158,10 @@ class ShardWriter:
             item = self._queue.get()
             if item is None:
                 return
-            release = item[4] if len(item) == 6 else None
+            release = item[4] if len(item) == 7 else None
             try:
+                if len(item) == 7 and item[6] is not None:
+                    item[6].synchronize()  # the block's bytes are all in host memory (also before a release)
                 if self._error is not None:
                     pass  # after a failure, queued blocks are dropped (the error surfaces on close)
                 elif len(item) == 2:
@@ -237,8 +264,10 @@ class ReadOnlyWriter:
         self.file_digests: dict[str, dict[str, str]] = {}
 
     def submit(self, index: int, tensors: dict[str, torch.Tensor], hashed: dict[str, tuple[str, int | None]],
-               records: list[dict], release=None, extra: dict[str, Any] | None = None) -> None:
+               records: list[dict], release=None, extra: dict[str, Any] | None = None, ready=None) -> None:
         if release is not None:
+            if ready is not None:
+                ready.synchronize()
             release()
 
     def submit_file(self, name: str, tensors: dict[str, torch.Tensor]) -> None:

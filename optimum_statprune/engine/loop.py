@@ -129,11 +129,15 @@ def _solves_spread(config: StatPruneConfig) -> bool:
 
 
 def _prune_block(block, inputs, i, hidden, blocks_path, config, device, sparsities=None,
-                 dist: DistContext | None = None, share: Share | None = None) -> list[dict[str, Any]]:
+                 dist: DistContext | None = None, share: Share | None = None,
+                 inputs_checked: Callable[[], None] = lambda: None) -> list[dict[str, Any]]:
+    """Observe block ``i``'s inputs and prune its targets; ``inputs_checked()`` runs after the first
+    observation, before any weight changes (it raises if the inputs were not finite)."""
     dist = dist if dist is not None else DistContext()
     targets = find_targets(block, f"{blocks_path}.{i}", config.targets, config.ignore)
     level = dict(zip((t.name for t in targets), sparsities, strict=True)) if sparsities is not None else {}
     if not config.statistics:
+        inputs_checked()
         return [prune_target(t, None, config, level.get(t.name)) for t in targets]
     observer = Observer(targets, config, device, i)
     observer.index_offset = share.token_offset if share is not None else 0
@@ -154,6 +158,7 @@ def _prune_block(block, inputs, i, hidden, blocks_path, config, device, sparsiti
     for group in groups:
         with _phase("statprune::observe"):
             observe(block, inputs, i, hidden, observer, group, stop=config.sequential)
+        inputs_checked()
         if dist.active:
             with _phase("statprune::reduce"):
                 _reduce_observed(dist, observer, group)
@@ -171,18 +176,50 @@ def _prune_block(block, inputs, i, hidden, blocks_path, config, device, sparsiti
     return records
 
 
-def _next_inputs(block, inputs: BlockInputs, i: int, hidden: list[torch.Tensor], blocks_path: str) -> list[torch.Tensor]:
-    """Block ``i``'s outputs, the next block's inputs, checked for NaN/Inf before they spread. The flags stay
-    on the device until the block is done: one synchronisation per block, not one per batch."""
+def _next_inputs(block, inputs: BlockInputs, i: int, hidden: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Block ``i``'s outputs, the next block's inputs, and one flag per batch on the device: whether the
+    batch's outputs are all finite (read by ``_OutputCheck``, without waiting for the GPU here)."""
     outputs, finite = [], []
     for b, h in enumerate(hidden):
         out = call_block(block, inputs, i, b, h)
         finite.append(torch.isfinite(out).all())
         outputs.append(to_host(out) if inputs.on_host else out)
-    if finite and not bool(torch.stack(finite).all()):
-        b = next(b for b, ok in enumerate(finite) if not bool(ok))
-        check_finite(outputs[b], f"the output of block {blocks_path}.{i} (calibration batch {b})")
-    return outputs
+    return outputs, torch.stack(finite) if finite else torch.ones(0, dtype=torch.bool)
+
+
+class _OutputCheck:
+    """NaN/Inf in a block's outputs stop the run before they spread, checked one step late.
+
+    Reading the flags right after the block ran would make the host wait for the GPU, which then idles
+    while the host stores the block and queues the next one. Instead they are read once the next block has
+    been observed, before any of its weights change, where the host waits for the GPU anyway. A NaN
+    therefore still stops the run before it reaches a pruned weight; the block that produced it may
+    already be stored (its weights were checked finite), and a resumed run stops at the same place."""
+
+    def __init__(self, blocks_path: str, dist: DistContext):
+        self.blocks_path = blocks_path
+        self.dist = dist
+        self._pending: tuple[int, list[torch.Tensor], torch.Tensor] | None = None
+
+    def expect(self, i: int, outputs: list[torch.Tensor], finite: torch.Tensor) -> None:
+        self._pending = (i, outputs, finite)
+
+    def __call__(self) -> None:
+        if self._pending is None:
+            return
+        i, outputs, finite = self._pending
+        self._pending = None
+        error = None
+        try:
+            if finite.numel() and not bool(finite.all()):
+                b = next(b for b, ok in enumerate(finite.tolist()) if not ok)
+                check_finite(outputs[b], f"the output of block {self.blocks_path}.{i} (calibration batch {b})")
+        except NonFiniteError as e:
+            error = e
+        if self.dist.active:  # a NaN on one rank stops every rank, not only the one that saw it
+            self.dist.agree(error)
+        elif error is not None:
+            raise error
 
 
 def owl_allocation(store, n_blocks, blocks_path, inputs, config, device, progress=True,
@@ -253,6 +290,7 @@ def prune_blocks(
         report.owl = {"ratios": allocation.ratios, "block_sparsity": allocation.block_sparsity,
                       "pruned": allocation.pruned, "total": allocation.total}
     hidden = inputs.hidden
+    check_outputs = _OutputCheck(blocks_path, dist)
     bar = tqdm(range(n_blocks), desc="pruning blocks", disable=not progress, unit="block")
     for i in bar:
         t0 = time.perf_counter()
@@ -264,18 +302,13 @@ def prune_blocks(
                 raise RuntimeError(f"the ranks disagree on whether block {i} was already pruned: {skipped}")
         if i not in skip:
             sparsities = allocation.sparsity[i] if allocation is not None else None
-            records = _prune_block(block, inputs, i, hidden, blocks_path, config, device, sparsities, dist, share)
+            records = _prune_block(block, inputs, i, hidden, blocks_path, config, device, sparsities, dist, share,
+                                   check_outputs)
+        check_outputs()  # a block that was not pruned here (finished earlier): before its outputs are made
         if i < n_blocks - 1:
             with _phase("statprune::next_inputs"):
-                if dist.active:  # a NaN on one rank stops every rank, not only the one that saw it
-                    error = None
-                    try:
-                        hidden = _next_inputs(block, inputs, i, hidden, blocks_path)
-                    except NonFiniteError as e:
-                        error = e
-                    dist.agree(error)
-                else:
-                    hidden = _next_inputs(block, inputs, i, hidden, blocks_path)
+                hidden, finite = _next_inputs(block, inputs, i, hidden)
+            check_outputs.expect(i, hidden, finite)
             if hidden:
                 report.finite_checked_blocks.append(i)
                 if i not in skip:

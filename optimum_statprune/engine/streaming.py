@@ -8,11 +8,12 @@ back to meta. Progress lives in ``.<name>.partial/`` beside the output directory
 finished blocks, after checking the source and each reused shard (``checkpoint.resume``; what is
 guaranteed is in docs/performance.md). The shard writer and its host buffers are in ``checkpoint.writer``.
 
-While block ``i`` computes, a prefetch thread reads the block expected next into host memory (pinned when
-the compute device is a GPU, so ``load`` only issues an asynchronous host-to-device copy). A pruned block
-goes to the writers in one of a few reused host buffers (pinned for a GPU); shards are written by up to
-two threads without waiting for the disk; a separate thread makes them durable (fsync of
-the shards, then of the directory) and only then records the blocks in ``statprune_state.json``.
+While block ``i`` computes, a prefetch thread reads the block expected next into host memory and, on a GPU,
+copies it from a pinned buffer to the device on its own CUDA stream. A pruned block goes to the writers in
+one of a few reused host buffers (pinned for a GPU, filled on a side stream that the host does not wait
+for); shards are written by up to two threads without waiting for the disk; a separate thread makes them
+durable (fsync of the shards, then of the directory) and only then records the blocks in
+``statprune_state.json``.
 """
 
 from __future__ import annotations
@@ -159,7 +160,7 @@ class StreamingBlockStore:
     With ``prefetch`` each ``load(i)`` starts reading the block expected next (``i + 1``; after the last
     block of an ``original=True`` pass, block 0 of the pruning pass) on a background thread; ``load`` of a
     block that was not prefetched reads it directly. On a CUDA device the prefetch goes into one reused
-    pinned buffer and ``load`` copies from it asynchronously."""
+    pinned buffer and on to the device (one block more in GPU memory), so ``load`` only waits for it."""
 
     def __init__(self, blocks: nn.ModuleList, blocks_path: str, reader: CheckpointReader, partial: Path,
                  dtype: torch.dtype | None, writer: ShardWriter, config: StatPruneConfig, done: set[int],
@@ -179,8 +180,10 @@ class StreamingBlockStore:
         self.conversion = conversion
         self._prefetcher = _Prefetcher() if prefetch else None
         self._staging: torch.Tensor | None = None  # pinned buffer of the CUDA prefetch
-        self._copied = None  # CUDA event: the last copy out of the staging buffer is done (set before the
-        # next prefetch is scheduled, read by that prefetch)
+        self._copied = None  # CUDA event: the last copy out of the staging buffer is done (the prefetch
+        # thread records it and waits for it before it reads the next block into the buffer)
+        self._load_stream = None  # the prefetch thread's CUDA stream, for its copies to the device
+        self._store_stream = None  # the main thread's, for copies of pruned blocks to host memory
         self._keys_cache: dict[int, list[str]] | None = None
         self._hashers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="statprune-read-hash")
         self.source_digests: dict[int, str] = {}  # block -> digest of the source bytes it was pruned from
@@ -253,7 +256,22 @@ class StreamingBlockStore:
             return self._read_safetensors(files)
 
     def _schedule(self, key: tuple[int, bool], device: torch.device) -> None:
-        self._prefetcher.schedule(key, lambda: self._read(*key, device, prefetching=True))
+        self._prefetcher.schedule(key, lambda: self._onto(device, *self._read(*key, device, prefetching=True)))
+
+    def _onto(self, device: torch.device, tensors: dict[str, torch.Tensor], note: str | None):
+        """On a CUDA device, the prefetched block copied there on the prefetch thread's own stream, while the
+        current block computes; returns the tensors, ``note`` and an event that says when they are there
+        (None elsewhere: ``load`` copies them)."""
+        if device.type != "cuda":
+            return tensors, note, None
+        if self._load_stream is None:
+            self._load_stream = torch.cuda.Stream(device)
+        with torch.cuda.stream(self._load_stream):
+            moved = {k: v.to(device, non_blocking=True) for k, v in tensors.items()}
+        ready = torch.cuda.Event()
+        ready.record(self._load_stream)
+        self._copied = ready  # the staging buffer is free again once it is done
+        return moved, note, ready
 
     def close(self) -> None:
         if self._prefetcher is not None:
@@ -270,9 +288,9 @@ class StreamingBlockStore:
         read = self._prefetcher.take((index, original)) if self._prefetcher is not None else None
         if read is not None:
             self.prefetch_hits += 1
+            tensors, note, ready = read
         else:
-            read = self._read(index, original, device)
-        tensors, note = read
+            (tensors, note), ready = self._read(index, original, device), None
         del read
         if note is not None and note.startswith("stale:"):
             logger.warning("block %d's shard in %s differs from what the earlier run recorded; pruning it again",
@@ -282,11 +300,13 @@ class StreamingBlockStore:
             note = note[len("stale:"):]
         if note is not None:
             self.source_digests[index] = note
-        if device.type != "cpu":
+        if ready is not None:  # on the device already, copied on the prefetch thread's stream
+            stream = torch.cuda.current_stream(device)
+            stream.wait_event(ready)
+            for v in tensors.values():
+                v.record_stream(stream)  # freed blocks are reused only once this stream is done with them
+        elif device.type != "cpu":
             tensors = {k: v.to(device, non_blocking=True) for k, v in tensors.items()}
-            if device.type == "cuda":
-                self._copied = torch.cuda.Event()  # the prefetch waits for it before reusing its buffer
-                self._copied.record(torch.cuda.current_stream(device))
         if self._prefetcher is not None:
             if index + 1 < len(self.blocks):
                 self._schedule((index + 1, original), device)
@@ -311,14 +331,14 @@ class StreamingBlockStore:
             prefix = f"{self.blocks_path}.{index}."
             named = _persistent_tensors(block)
             buffer = self.buffers.acquire(_packed_size(named))
-            tensors = _pack(prefix, named, buffer)
+            tensors, ready = _pack(prefix, named, buffer, self._copy_stream(named, buffer))
             targets = find_targets(block, prefix[:-1], self.config.targets, self.config.ignore)
             hashed = {t.name: (t.state_key, t.expert) for t in targets}
             started = self._started.pop(index, None)
             extra = {"source": self.source_digests.pop(index, None),
                      "seconds": time.perf_counter() - started if started is not None else None}
             self.writer.submit(index, tensors, hashed, self.pending_records.pop(index, []),
-                               release=lambda: self.buffers.release(buffer), extra=extra)
+                               release=lambda: self.buffers.release(buffer), extra=extra, ready=ready)
         elif not self.writer.writes:  # a rank other than 0: what it kept for the writer is not needed
             self.pending_records.pop(index, None)
             self.source_digests.pop(index, None)
@@ -328,21 +348,52 @@ class StreamingBlockStore:
     def release(self, index: int, block: nn.Module) -> None:
         block.to("meta")
 
+    def _copy_stream(self, named: list[tuple[str, torch.Tensor]], buffer: torch.Tensor):
+        """The stream for copying a CUDA block into a pinned buffer without waiting for it (None: copy
+        synchronously, as to pageable memory, which the host must wait for anyway)."""
+        if not named or not all(v.is_cuda for _, v in named) or not buffer.is_pinned():
+            return None
+        if self._store_stream is None:
+            self._store_stream = torch.cuda.Stream(named[0][1].device)
+        return self._store_stream
+
 
 def _packed_size(named: list[tuple[str, torch.Tensor]]) -> int:
     return sum(aligned_nbytes(v.numel() * v.element_size()) for _, v in named)
 
 
-def _pack(prefix: str, named: list[tuple[str, torch.Tensor]], buffer: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Copies of ``named`` on the host, packed into ``buffer`` (at least ``_packed_size(named)`` bytes)."""
+def _block_nbytes(block: nn.Module, dtype: torch.dtype | None) -> int:
+    """``_packed_size`` of ``block`` (a meta-device skeleton's) once loaded: floating tensors in ``dtype``."""
+    return sum(aligned_nbytes(v.numel() * (dtype.itemsize if dtype is not None and v.is_floating_point()
+                                           else v.element_size()))
+               for _, v in _persistent_tensors(block))
+
+
+def _pack(prefix: str, named: list[tuple[str, torch.Tensor]], buffer: torch.Tensor,
+          stream: torch.cuda.Stream | None = None) -> tuple[dict[str, torch.Tensor], torch.cuda.Event | None]:
+    """Copies of ``named`` on the host, packed into ``buffer`` (at least ``_packed_size(named)`` bytes).
+
+    With ``stream`` (CUDA tensors, a pinned buffer) the copies are queued on it after the work already
+    queued on the current stream, and the host goes on at once, so the GPU does not idle while it copies;
+    the returned event says when the bytes are there (the writer waits for it before it hashes them), and
+    the caching allocator keeps the source memory until then. Otherwise the copies are done on return."""
+    if stream is not None:
+        stream.wait_stream(torch.cuda.current_stream(stream.device))
     out, offset = {}, 0
-    for k, v in named:
-        nbytes = v.numel() * v.element_size()
-        dst = buffer[offset : offset + nbytes].view(v.dtype).view(v.shape)
-        dst.copy_(v.detach())
-        out[prefix + k] = dst
-        offset += aligned_nbytes(nbytes)
-    return out
+    with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+        for k, v in named:
+            nbytes = v.numel() * v.element_size()
+            dst = buffer[offset : offset + nbytes].view(v.dtype).view(v.shape)
+            dst.copy_(v.detach(), non_blocking=stream is not None)
+            if stream is not None:
+                v.record_stream(stream)
+            out[prefix + k] = dst
+            offset += aligned_nbytes(nbytes)
+    if stream is None:
+        return out, None
+    ready = torch.cuda.Event()
+    ready.record(stream)
+    return out, ready
 
 
 def _persistent_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -448,11 +499,9 @@ def prune_checkpoint(
     if done:
         logger.info("resuming %s: %d of %d blocks already pruned", output, len(done), n_blocks)
 
+    block_bytes = _block_nbytes(block_list[0], dtype) if n_blocks else 0
     writer_threads = options.writer_threads
     if writer_threads is None:
-        itemsize = dtype.itemsize if dtype is not None else None
-        block_bytes = sum(p.numel() * (itemsize if itemsize and p.is_floating_point() else p.element_size())
-                          for _, p in _persistent_tensors(block_list[0])) if n_blocks else 0
         writer_threads = writer_threads_for(block_bytes)
     conversion = CheckpointConversion(model, reader.tensor_names())
     if dist.is_main:
@@ -463,6 +512,8 @@ def prune_checkpoint(
     # one buffer more than the writer holds (one per thread, one queued): acquiring one never waits
     buffers = HostBufferPool(writer_threads + 2, pin=options.pin_write_buffers and torch.device(device).type == "cuda",
                              reuse=options.reuse_write_buffers)
+    if buffers.pin and writer.writes and len(done) < n_blocks:
+        buffers.prepare(block_bytes, 2)  # one block in the writer, one being filled: what is usually in use
     store = StreamingBlockStore(block_list, blocks_path, reader, partial, dtype, writer, config, done, buffers,
                                 conversion, prefetch=options.prefetch)
     try:
