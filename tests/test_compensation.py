@@ -19,6 +19,7 @@ from optimum_statprune.tensor_math.compensation import (
     energy_compensation,
     lsq_row_scale,
     output_error,
+    row_scaled_errors,
     times_transpose,
 )
 from optimum_statprune.tensor_math.masks import nm_mask, unstructured_mask
@@ -617,3 +618,43 @@ def test_times_transpose_on_a_gpu_matches_float64(dtype):
     exact = x.double() @ d.double().T
     got = times_transpose(x, d)
     assert ((got.double() - exact).norm() / exact.norm()).item() < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind,shrink", [("ec-activation", 1.0), ("ec-activation", 0.5), ("lsq", 1.0)])
+def test_row_scale_errors_come_from_two_exact_products(dtype, kind, shrink, monkeypatch):
+    """Token rows and weight in one half-precision dtype (the tensor-core product emulated on the CPU):
+    the layer check's errors of a row scale come from the pruned and the kept part of the weight, two
+    products, and equal the float64 errors of the weights ``compensate`` returns."""
+    from optimum_statprune.tensor_math import compensation
+
+    calls = []
+
+    def emulated(a, b):
+        calls.append(a.dtype)
+        return (a.double() @ b.double()).float()
+
+    monkeypatch.setattr(compensation, "half_product", emulated)
+    g = torch.Generator().manual_seed(5)
+    w = (torch.randn(24, 48, generator=g) * 0.02).to(dtype)
+    x = (torch.randn(300, 48, generator=g) * 3).to(dtype)
+    mask = torch.rand(24, 48, generator=g) > 0.5
+    stats = ChannelStats(48, sample_size=300)
+    stats.update(x)
+    result = compensate(w, mask, kind, stats, shrink=shrink)
+    judge = (stats.sample[1::2] if kind == "lsq" else stats.sample).double()
+    w0 = w.double()
+    ref_none = float(((judge @ (w0 - w0 * mask).T) ** 2).sum())
+    ref_comp = float(((judge @ (w0 - result.weight.double()).T) ** 2).sum())
+    assert result.record["applied"] and ref_comp != ref_none
+    assert math.isclose(result.record["error_none"], ref_none, rel_tol=1e-5)
+    assert math.isclose(result.record["error_compensated"], ref_comp, rel_tol=1e-5)
+    if kind == "ec-activation":
+        assert len(calls) == 2  # one product each for the pruned and the kept part, no split
+
+
+def test_row_scale_errors_need_one_half_precision_dtype():
+    x = torch.randn(10, 8, dtype=torch.float16)
+    mask = torch.ones(4, 8, dtype=torch.bool)
+    assert row_scaled_errors(torch.randn(4, 8), mask, torch.ones(4), x) is None  # float32 weight
+    assert row_scaled_errors(torch.randn(4, 8), mask, torch.ones(4), x.float()) is None  # float32 rows

@@ -280,22 +280,21 @@ def test_pinned_and_pageable_write_buffers_give_identical_output_on_gpu(tmp_path
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA copy streams need a GPU")
-def test_streamed_on_gpu_equals_in_memory_and_synchronous_copies(tmp_path):
+def test_streamed_on_gpu_equals_synchronous_copies(tmp_path):
     """On a GPU the prefetch thread copies each block to the device on its own stream, and pruned blocks go
     to pinned buffers on a side stream the host does not wait for. In float16 (Welford's statistics, the
-    half-precision layer check): the same bytes as without either (no prefetch, pageable buffers) and as
-    the in-memory prune on the same GPU."""
+    half-precision layer check): the same bytes with either, both or neither (no prefetch, pageable
+    buffers)."""
     src = _four_block_checkpoint(tmp_path / "src")
     cfg = StatPruneConfig(method="statprune", sample_tokens=32)
     ids = token_ids(6, 16)
-    for name, spec in (("async", ""), ("sync", "prefetch=0,pin_write_buffers=0")):
+    variants = {"async": "", "sync": "prefetch=0,pin_write_buffers=0", "sync-store": "pin_write_buffers=0",
+                "sync-load": "prefetch=0"}
+    for name, spec in variants.items():
         StatPruner.from_pretrained(src, config=cfg, device="cuda", dtype=torch.float16).prune(
             ids, output_dir=tmp_path / name, progress=False, streaming=streaming.StreamingOptions.parse(spec))
-    memory = StatPruner.from_pretrained(src, config=cfg, device="cuda", dtype=torch.float16)
-    memory.prune(ids, progress=False)
-    memory.save_pretrained(tmp_path / "memory")
-    _assert_identical(tmp_path / "async", tmp_path / "sync")
-    _assert_identical(tmp_path / "async", tmp_path / "memory")
+    for name in list(variants)[1:]:
+        _assert_identical(tmp_path / "async", tmp_path / name)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA copy streams need a GPU")
@@ -315,16 +314,31 @@ def test_copies_on_a_side_stream_keep_their_sources_until_done():
     del reuse
 
 
-def test_host_buffer_pool_prepares_buffers_in_the_background():
-    """``prepare`` fills the pool's free slots on another thread; ``acquire`` hands those buffers out (no
-    second allocation) and still allocates when a block needs more than was prepared."""
+def test_host_buffer_pool_prepares_buffers_in_the_background(monkeypatch):
+    """``prepare`` allocates on another thread; the first acquires that would allocate wait for those buffers
+    instead (so preparing never adds a buffer), released ones are reused first, and a slot that was not
+    prepared allocates on demand."""
+    import threading
+
     pool = streaming.HostBufferPool(3)
+    made, gate = [], threading.Event()
+    empty = torch.empty
+
+    def slow_empty(*args, **kwargs):
+        if threading.current_thread().name == "statprune-host-buffers":
+            gate.wait(5)  # still allocating when the first acquire comes
+        made.append(threading.current_thread().name)
+        return empty(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", slow_empty)
     pool.prepare(1000, 2)
+    threading.Timer(0.1, gate.set).start()
     a, b = pool.acquire(1000), pool.acquire(900)
     assert a.numel() == b.numel() == 1000 and a.data_ptr() != b.data_ptr()
+    assert made == ["statprune-host-buffers"] * 2  # the main thread waited rather than allocating
     pool.release(a)
     assert pool.acquire(1000).data_ptr() == a.data_ptr()
-    assert pool.acquire(5000).numel() == 5000  # the third slot was not prepared: allocated on demand
+    assert pool.acquire(5000).numel() == 5000 and len(made) == 3  # the third slot: allocated on demand
 
 
 def test_host_buffer_pool_reuses_and_bounds_buffers():

@@ -53,33 +53,34 @@ class HostBufferPool:
         self._free: queue.LifoQueue = queue.LifoQueue()
         for _ in range(count):
             self._free.put(None)
+        self._prepared: queue.Queue = queue.Queue()  # buffers ``prepare`` allocated, for the first acquires
+        self._unclaimed = 0
 
     def prepare(self, nbytes: int, count: int) -> None:
         """Allocate up to ``count`` buffers of ``nbytes`` now, on a background thread. Page-locking a buffer
         of a 7B block takes ~0.1 s of host time; left to ``acquire`` it falls on the main thread at the
-        first blocks' stores, and the GPU waits for it. ``acquire`` waits for a buffer being prepared."""
-        if not self.reuse:
+        first blocks' stores, and the GPU waits for it. The first ``count`` acquires that would allocate
+        wait for these instead, so no more buffers exist than without this."""
+        if not self.reuse or count <= 0:
             return
-        taken = []
-        while len(taken) < count:
-            try:
-                taken.append(self._free.get_nowait())
-            except queue.Empty:
-                break
+        self._unclaimed += count
 
         def fill() -> None:
-            for placeholder in taken:
-                buffer = placeholder
+            for _ in range(count):
+                buffer = None  # a failed allocation: acquire allocates then, as without this
                 try:
-                    if placeholder is None:
-                        buffer = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=self.pin)
-                finally:  # a failed allocation leaves the placeholder: acquire allocates then, as without this
-                    self._free.put(buffer)
+                    buffer = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=self.pin)
+                finally:
+                    self._prepared.put(buffer)
 
         threading.Thread(target=fill, name="statprune-host-buffers", daemon=True).start()
 
     def acquire(self, nbytes: int) -> torch.Tensor:
+        """A buffer of at least ``nbytes``; waits while all are in use. Called from one thread."""
         buffer = self._free.get()
+        if buffer is None and self._unclaimed:
+            self._unclaimed -= 1
+            buffer = self._prepared.get()
         if buffer is None or not self.reuse or buffer.numel() < nbytes:
             buffer = None  # the old one goes before the new one is allocated
             buffer = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=self.pin)

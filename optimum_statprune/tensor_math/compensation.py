@@ -124,6 +124,26 @@ def output_error(
     return float(diff.square().sum())
 
 
+def row_scaled_errors(
+    weight: torch.Tensor, mask: torch.Tensor, scale: torch.Tensor, x: torch.Tensor
+) -> tuple[float, float] | None:
+    """``output_error`` of the pruned weight and of the pruned weight with its rows times ``scale``, from two
+    tensor-core products instead of two split ones, or None where that does not apply.
+
+    When ``x`` and ``weight`` share a half-precision dtype, the weight's pruned part and its kept part are
+    exact in it, and ``w0 - s * pruned = dropped + (1 - s) * kept``: the errors come from ``x @ dropped.T``
+    and ``x @ kept.T`` with float32 results (no split, no float32 copies of the weight)."""
+    if x.dtype not in _SPLIT or weight.dtype != x.dtype:
+        return None
+    dropped = half_product(x, (weight * ~mask).T)
+    if dropped is None:
+        return None
+    kept = half_product(x, (weight * mask).T)
+    err_none = dropped.square().sum()
+    err_comp = dropped.add_(kept * (1 - scale.to(torch.float32))[None, :]).square().sum()
+    return float(err_none), float(err_comp)
+
+
 @dataclass
 class Compensated:
     """A layer's final weight, an optional bias shift, and the record the manifest keeps."""
@@ -152,7 +172,11 @@ def compensate(
     record both errors either way when a subsample exists.
 
     The least-squares scale is fitted on the even rows of the subsample and judged on the odd ones: judged
-    on the rows it was fitted to, it can only look better, and the check would never say no."""
+    on the rows it was fitted to, it can only look better, and the check would never say no.
+
+    ``w0`` may be in the model's dtype: with half-precision token rows of the same dtype, the errors of
+    the row scales (``ec-activation``, ``lsq``) come from ``row_scaled_errors``."""
+    original = w0.detach()
     w0 = _f32(w0)
     pruned = w0 * mask
     record: dict[str, Any] = {"kind": kind}
@@ -160,17 +184,20 @@ def compensate(
         return Compensated(pruned, None, {"kind": "none", "applied": False})
 
     bias_delta = None
+    row_scale = None  # the compensation multiplies each row of the pruned weight by this
     sample = stats.sample.to(w0.device) if stats is not None and stats.sample is not None else None
     judge = sample
     if kind == "ec":
         weight = energy_compensation(w0, mask, ec_steps, ec_centered, ec_clamp)
     elif kind == "ec-activation":
-        weight = pruned * activation_energy_row_scale(w0, mask, _need(stats, kind).second_moment, ec_clamp)[:, None]
+        row_scale = activation_energy_row_scale(w0, mask, _need(stats, kind).second_moment, ec_clamp)
+        weight = pruned * row_scale[:, None]
     elif kind == "lsq":
         if _need(stats, kind).sample is None:
             raise ValueError("lsq compensation needs a token subsample (sample_tokens > 0)")
         fit, judge = (sample[0::2], sample[1::2]) if sample.shape[0] > 1 else (sample, sample)
-        weight = pruned * lsq_row_scale(w0, pruned, fit)[:, None]
+        row_scale = lsq_row_scale(w0, pruned, fit)
+        weight = pruned * row_scale[:, None]
     elif kind == "bias":
         if not (has_bias or add_bias):
             return Compensated(pruned, None, {"kind": kind, "applied": False, "reason": "layer has no bias (add_bias is off)"})
@@ -181,12 +208,15 @@ def compensate(
     if shrink != 1.0:
         weight = pruned + shrink * (weight - pruned)
         bias_delta = bias_delta * shrink if bias_delta is not None else None
+        row_scale = 1 + shrink * (row_scale - 1) if row_scale is not None else None
     weight = weight * mask
 
     applied = True
     if judge is not None:
-        err_none = output_error(w0, pruned, judge)
-        err_comp = output_error(w0, weight, judge, bias_delta)
+        errors = row_scaled_errors(original, mask, row_scale, judge) if row_scale is not None else None
+        if errors is None:
+            errors = output_error(w0, pruned, judge), output_error(w0, weight, judge, bias_delta)
+        err_none, err_comp = errors
         record.update(error_none=err_none, error_compensated=err_comp)
         if safety_check:
             applied = err_comp < err_none
