@@ -29,9 +29,10 @@ the engine, with no checkpoint I/O. Any ``knob=value`` list of ``StreamingOption
 block 0's inputs captured as the engine does, then every block run twice over the calibration set (one
 pass to observe, one to make the next block's inputs) and nothing else.
 
-``--profile DIR`` runs each run under ``torch.profiler`` and writes its op table and the engine's phases
-(``statprune::observe``, ``::prune``, ``::next_inputs``, ``::load``, ``::store``) to ``DIR``; the
-profiler's overhead makes those runs' times not comparable with unprofiled ones.
+``--profile DIR`` runs each run under ``torch.profiler`` and writes its op table, the engine's phases
+(``statprune::observe`` with ``::statistics`` inside it, ``::prune``, ``::next_inputs``, ``::load``,
+``::store``) and the GPU's idle time by phase to ``DIR``; the profiler's overhead makes those runs' times
+not comparable with unprofiled ones.
 
 ``--nproc N`` runs each statprune run in N processes launched by ``torch.distributed.run`` (one GPU each
 on ``cuda``; gloo on ``--device cpu``): ``--device cpu --shapes tiny --nproc 2`` tries it on a CPU. The
@@ -257,8 +258,12 @@ def _idle_gaps(prof, top: int = 15) -> list[str]:
                     and not e.name.startswith("statprune::"))
     if not device:
         return []
-    phases = sorted((e.time_range.start, e.time_range.end, e.name) for e in events
+    labels = sorted((e.time_range.start, e.time_range.end, e.name) for e in events
                     if e.device_type == DeviceType.CPU and e.name.startswith("statprune::"))
+    phases = []  # the outermost ones (statistics run inside observe)
+    for label in labels:
+        if not phases or label[0] >= phases[-1][1]:
+            phases.append(label)
     busy, gaps, (start, end) = 0.0, [], device[0]
     for s, e in device[1:]:
         if s > end:
@@ -272,7 +277,7 @@ def _idle_gaps(prof, top: int = 15) -> list[str]:
 
     starts = [p[0] for p in phases]
 
-    def phase_at(t: float) -> str:  # the engine's phases do not nest: the last one begun before t
+    def phase_at(t: float) -> str:  # the outermost phases do not nest: the last one begun before t
         k = bisect.bisect_right(starts, t) - 1
         return phases[k][2] if k >= 0 and t <= phases[k][1] else "(outside the block loop)"
 

@@ -1,10 +1,11 @@
 """Run a 2:4-pruned model on sparse tensor cores: its block linears as ``torch.sparse`` semi-structured tensors.
 
 Opt-in, and measure before you use it: on an H200 with torch 2.11 (cuSPARSELt) a converted Llama-2-7B-shaped
-model was 2.5-3.5x slower than dense fp16 in prefill and decode, eager or replayed from a CUDA graph (1.9-4.4x
-under ``torch.compile``, against dense compiled), although single graph-replayed sparse matmuls of 2048+ tokens beat dense by 15-30%
-(docs/performance.md, ``benchmarks/semi_structured.py``). Other stacks differ. The conversion is exact:
-the same products, from the compressed weight.
+model was not faster than dense fp16: prefill of 8 x 2048 tokens took 1.08x dense's time, one sequence 2.7x
+eager (1.15x replayed from a CUDA graph), decode 4.0-4.4x, although single graph-replayed sparse matmuls of
+2048+ tokens beat dense by 15-30% (docs/performance.md, ``benchmarks/semi_structured.py``): the row-major
+copy of the result that the model needs costs about what the kernel saves. Other stacks differ. The
+conversion is exact: the same products, from the compressed weight.
 """
 
 from __future__ import annotations
@@ -79,8 +80,9 @@ def to_semi_structured(model: nn.Module, blocks: str | None = None) -> list[str]
     if not converted:
         raise ValueError("no 2:4-sparse linear found in the decoder blocks; prune with pattern='2:4' first")
     logger.warning(
-        "converted %d linears to 2:4 semi-structured weights. On an H200 with torch 2.11 a converted 7B model ran "
-        "2.5-3.5x slower than dense; time your workload (benchmarks/semi_structured.py) before relying on it",
+        "converted %d linears to 2:4 semi-structured weights. On an H200 with torch 2.11 a converted 7B model was "
+        "not faster than dense (prefill 1.08-2.7x, decode 4.0-4.4x its time); time your workload "
+        "(benchmarks/semi_structured.py) before relying on it",
         len(converted),
     )
     return converted

@@ -341,6 +341,16 @@ def test_host_buffer_pool_prepares_buffers_in_the_background(monkeypatch):
     assert pool.acquire(5000).numel() == 5000 and len(made) == 3  # the third slot: allocated on demand
 
 
+def test_pinned_write_buffers_are_capped_for_large_blocks():
+    """A 7B block (0.4 GB) keeps a buffer per writer thread plus two; a 70B block (1.7 GB) gets one pinned
+    buffer; pageable buffers (CPU runs) are not capped."""
+    gb = 10**9
+    assert streaming.write_buffer_count(2, int(0.4 * gb), pin=True) == 4
+    assert streaming.write_buffer_count(2, int(1.7 * gb), pin=True) == 1
+    assert streaming.write_buffer_count(1, 5 * gb, pin=True) == 1
+    assert streaming.write_buffer_count(2, int(1.7 * gb), pin=False) == 4
+
+
 def test_host_buffer_pool_reuses_and_bounds_buffers():
     """Released buffers come back before new ones are made; never more than ``count`` exist; a full pool
     makes ``acquire`` wait until one is released; ``reuse=False`` hands out fresh memory each time."""

@@ -69,7 +69,23 @@ from .targets import find_blocks, find_targets, hidden_size
 logger = logging.getLogger(__name__)
 
 __all__ = ["STATE_NAME", "HostBufferPool", "ResumeMismatchError", "ShardWriter", "StreamingOptions",
-           "build_skeleton", "check_pattern_widths", "prune_checkpoint", "writer_threads_for"]
+           "build_skeleton", "check_pattern_widths", "prune_checkpoint", "write_buffer_count", "writer_threads_for"]
+
+
+PINNED_WRITE_BYTES = 2 << 30
+"""Pinned write buffers in all, in block bytes (at least one buffer).
+
+Blocks reach them on a side stream, so a buffer is taken before its block's last kernels have run and is
+held until the block is written. With the copies made that way, the 70B shape's host RSS went from 7.4 to
+11.5 GiB (H200): most likely two more 1.7 GB blocks (2 GiB each once pinned) were held at once. This cap
+keeps that shape at one write buffer, as before; a 7B block (0.4 GB) keeps the four the writer can use."""
+
+
+def write_buffer_count(writer_threads: int, block_bytes: int, pin: bool) -> int:
+    """Host buffers carrying blocks to the writer: one per writer thread, one queued, one being filled;
+    pinned ones no more than ``PINNED_WRITE_BYTES`` hold (at least one)."""
+    count = writer_threads + 2
+    return min(count, max(1, PINNED_WRITE_BYTES // max(block_bytes, 1))) if pin else count
 
 
 @dataclass(frozen=True)
@@ -510,12 +526,11 @@ def prune_checkpoint(
     else:
         writer = ReadOnlyWriter(state)
     # one buffer more than the writer holds (one per thread, one queued): acquiring one never waits
-    buffers = HostBufferPool(writer_threads + 2, pin=options.pin_write_buffers and torch.device(device).type == "cuda",
+    pin = options.pin_write_buffers and torch.device(device).type == "cuda"
+    buffers = HostBufferPool(write_buffer_count(writer_threads, block_bytes, pin), pin=pin,
                              reuse=options.reuse_write_buffers)
     if buffers.pin and writer.writes and len(done) < n_blocks:
-        # the first block's buffer, allocated while block 0 computes; more are allocated if the writer
-        # falls behind (preparing two raised the 70B shape's host RSS from 7.4 to 11.5 GiB, H200)
-        buffers.prepare(block_bytes, 1)
+        buffers.prepare(block_bytes, 1)  # the first block's buffer, allocated while block 0 computes
     store = StreamingBlockStore(block_list, blocks_path, reader, partial, dtype, writer, config, done, buffers,
                                 conversion, prefetch=options.prefetch)
     try:
