@@ -54,8 +54,11 @@ def test_a_block_whose_outputs_are_not_finite_stops_the_run_naming_it(method):
         return (out, *output[1:]) if isinstance(output, tuple) else out
 
     blocks[0].register_forward_hook(poison, with_kwargs=True)
+    before = {k: v.clone() for k, v in blocks[1].state_dict().items()}
     with pytest.raises(NonFiniteError, match=r"the output of block model\.layers\.0 \(calibration batch 0\)"):
         _prune(model, method=method)
+    # read once the next block was observed, but before any of its weights changed
+    assert all(torch.equal(v, before[k]) for k, v in blocks[1].state_dict().items())
 
 
 def test_records_say_what_was_checked():
