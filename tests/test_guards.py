@@ -206,3 +206,35 @@ def test_float16_that_would_overflow_is_refused_naming_the_tensor(tmp_path, wher
     StatPruner.from_pretrained(src, config=StatPruneConfig(method="wanda"), device="cpu").prune(
         token_ids(4, 16), output_dir=out, progress=False, overwrite=True)
     assert (out / MANIFEST_NAME).exists()
+
+
+def test_block_reads_fill_records_and_name_the_first_non_finite_weight():
+    """The per-block reads give each record the sparsity a per-weight read gives, and a weight that is not
+    finite after pruning stops the run naming it, as ``check_finite`` would."""
+    from optimum_statprune.engine.prune_step import BlockReads
+
+    reads = BlockReads()
+    records = [{}, {}]
+    masks = [torch.tensor([[True, False, False], [True, True, False]]), torch.ones(2, 2, dtype=torch.bool)]
+    for record, mask in zip(records, masks, strict=True):
+        reads.sparsity(record, mask)
+    reads.check_finite(torch.ones(3), "a: the weight after pruning")
+    reads.finish()
+    assert records == [{"sparsity": 1.0 - 3 / 6}, {"sparsity": 0.0}]
+
+    reads.check_finite(torch.ones(3), "a: the weight after pruning")
+    reads.check_finite(torch.tensor([1.0, float("nan"), float("inf")]), "b: the weight after pruning")
+    with pytest.raises(NonFiniteError, match=r"^b: the weight after pruning holds 2 non-finite value\(s\)"):
+        reads.finish()
+
+
+def test_a_non_finite_weight_stops_the_block_before_any_weight_changes():
+    """Every weight of an input group is checked before the first is pruned."""
+    model = build("llama")
+    _, blocks = find_blocks(model)
+    with torch.no_grad():
+        blocks[0].mlp.up_proj.weight[0, 0] = float("nan")  # gate_proj, pruned before it, reads the same input
+    before = blocks[0].mlp.gate_proj.weight.detach().clone()
+    with pytest.raises(NonFiniteError, match=r"mlp\.up_proj: the weight before pruning holds 1 non-finite"):
+        _prune(model, method="wanda")
+    assert torch.equal(blocks[0].mlp.gate_proj.weight, before)

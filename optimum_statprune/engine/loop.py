@@ -36,7 +36,15 @@ from .capture import (
 )
 from .distributed import DistContext, Share, reduce_statistics, spread
 from .observer import Observer, input_groups, observe
-from .prune_step import NonFiniteError, Uncompensated, block_safety_check, check_finite, prune_target
+from .prune_step import (
+    BlockReads,
+    NonFiniteError,
+    Uncompensated,
+    block_safety_check,
+    check_finite,
+    check_weights_finite,
+    prune_target,
+)
 from .targets import NoTargetsError, check_targets_found, find_blocks, find_targets, hidden_size
 
 __all__ = [
@@ -138,7 +146,11 @@ def _prune_block(block, inputs, i, hidden, blocks_path, config, device, sparsiti
     level = dict(zip((t.name for t in targets), sparsities, strict=True)) if sparsities is not None else {}
     if not config.statistics:
         inputs_checked()
-        return [prune_target(t, None, config, level.get(t.name)) for t in targets]
+        check_weights_finite(targets)
+        reads = BlockReads()
+        records = [prune_target(t, None, config, level.get(t.name), reads=reads) for t in targets]
+        reads.finish()
+        return records
     observer = Observer(targets, config, device, i)
     observer.index_offset = share.token_offset if share is not None else 0
     block_check = (
@@ -169,8 +181,11 @@ def _prune_block(block, inputs, i, hidden, blocks_path, config, device, sparsiti
                 for t in group:
                     observer.stats.pop(t.name, None)
             else:
-                records += [prune_target(t, observer.stats.pop(t.name, None), config, level.get(t.name), undo)
+                check_weights_finite(group)
+                reads = BlockReads()
+                records += [prune_target(t, observer.stats.pop(t.name, None), config, level.get(t.name), undo, reads)
                             for t in group]
+                reads.finish()
     if undo:
         block_safety_check(block, inputs, i, hidden, reference, check_batches, undo, dist.all_sum)
     return records
