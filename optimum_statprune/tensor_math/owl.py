@@ -189,13 +189,15 @@ def count_sparsity(count: int, n: int) -> float:
     return s
 
 
-def _apportion(desired: list[float], caps: list[int], total: int) -> list[int]:
+def _apportion(desired: list[float], caps: list[int], total: int, rank: list[float] | None = None) -> list[int]:
     """Integers ``k_u`` in ``[0, caps_u]`` summing to ``total``, as close as possible to ``desired``.
 
     Greedy on increments: unit ``u``'s ``j``-th unit of count costs ``j - desired_u``, and the ``total``
-    cheapest increments are taken (ties: lower unit index first), which is largest-remainder rounding
-    when ``total`` is within one per unit of ``sum(desired)``. A bisection on a common offset takes care
-    of the bulk first, so a far-off ``total`` costs no more than a near one."""
+    cheapest increments are taken (ties: higher ``rank`` first, e.g. the block's sparsity, so a sparser
+    block never ends with fewer; then lower unit index), which is largest-remainder rounding when
+    ``total`` is within one per unit of ``sum(desired)``. A bisection on a common offset takes care of the
+    bulk first, so a far-off ``total`` costs no more than a near one."""
+    rank = rank if rank is not None else desired
     if not 0 <= total <= sum(caps):
         raise ValueError(f"cannot spread {total} pruned weights over units of capacities {caps}")
     x = torch.tensor(desired, dtype=torch.float64)
@@ -214,13 +216,13 @@ def _apportion(desired: list[float], caps: list[int], total: int) -> list[int]:
         else:
             hi = mid
     counts = [int(v) for v in at(lo).tolist()]
-    heap = [(counts[u] + 1 - desired[u], u) for u in range(len(counts)) if counts[u] < caps[u]]
+    heap = [(counts[u] + 1 - desired[u], -rank[u], u) for u in range(len(counts)) if counts[u] < caps[u]]
     heapq.heapify(heap)
     for _ in range(total - sum(counts)):
-        _, u = heapq.heappop(heap)
+        *_, u = heapq.heappop(heap)
         counts[u] += 1
         if counts[u] < caps[u]:
-            heapq.heappush(heap, (counts[u] + 1 - desired[u], u))
+            heapq.heappush(heap, (counts[u] + 1 - desired[u], -rank[u], u))
     return counts
 
 
@@ -263,8 +265,9 @@ def owl_prune_counts(
     for members in units.values():
         caps = [cap for *_, cap in members]
         uniform = sum(prune_count(cap, target) for cap in caps)
+        rank = [sparsities[b] for b, *_ in members]  # equal costs: the sparser block first
         for (b, li, _, _), k in zip(
-            members, _apportion([d for _, _, d, _ in members], caps, uniform), strict=True
+            members, _apportion([d for _, _, d, _ in members], caps, uniform, rank), strict=True
         ):
             counts[b][li] = k
     return counts
