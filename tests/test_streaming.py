@@ -297,6 +297,29 @@ def test_streamed_on_gpu_equals_synchronous_copies(tmp_path):
         _assert_identical(tmp_path / "async", tmp_path / name)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the CUDA prefetch needs a GPU"))])
+def test_each_block_records_the_digest_of_its_source_bytes(tmp_path, monkeypatch, device):
+    """What resume compares: each block's recorded source digest is that of the checkpoint's bytes, also on a
+    GPU, where the prefetched block goes on to the device while its bytes are still being hashed."""
+    from optimum_statprune.checkpoint.resume import combined_digest, tensor_digests
+
+    src = _four_block_checkpoint(tmp_path / "src")
+    seen = {}
+    submit = streaming.ShardWriter.submit
+
+    def spy(self, index, tensors, hashed, records, release=None, extra=None, ready=None):
+        seen[index] = (extra or {}).get("source")
+        return submit(self, index, tensors, hashed, records, release=release, extra=extra, ready=ready)
+
+    monkeypatch.setattr(streaming.ShardWriter, "submit", spy)
+    StatPruner.from_pretrained(src, config=StatPruneConfig(method="wanda", sample_tokens=32), device=device).prune(
+        token_ids(6, 16), output_dir=tmp_path / "out", progress=False)
+    reader = shards.CheckpointReader(src)
+    keys = streaming._block_keys(reader, "model.layers")
+    assert seen == {i: combined_digest(tensor_digests(reader.read(keys[i]))) for i in range(4)}
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA copy streams need a GPU")
 def test_copies_on_a_side_stream_keep_their_sources_until_done():
     """A block is freed right after its copies are queued, and the next block's work reuses GPU memory at

@@ -25,7 +25,8 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -202,7 +203,10 @@ class StreamingBlockStore:
         self._store_stream = None  # the main thread's, for copies of pruned blocks to host memory
         self._keys_cache: dict[int, list[str]] | None = None
         self._hashers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="statprune-read-hash")
-        self.source_digests: dict[int, str] = {}  # block -> digest of the source bytes it was pruned from
+        self._digester = ThreadPoolExecutor(max_workers=1, thread_name_prefix="statprune-read-digest")
+        self._hashing: Future | None = None  # the digest of what the staging buffer holds, being computed
+        # block -> digest of the source bytes it was pruned from (a Future while it is computed)
+        self.source_digests: dict[int, str | Future] = {}
         self.rebuilt: list[int] = []  # finished blocks whose output shard had changed: pruned again
         self._started: dict[int, float] = {}
 
@@ -236,11 +240,12 @@ class StreamingBlockStore:
             self._schedule((index, original), torch.device(device))
 
     def _read(self, index: int, original: bool, device: torch.device,
-              prefetching: bool = False) -> tuple[dict[str, torch.Tensor], str | None]:
-        """Block ``index``'s tensors on the host, and what their bytes say (hashed here, on the prefetch
-        thread when prefetching, so off the compute's path): for a block to prune, the digest of its source
-        bytes; for a block an earlier run finished, its output shard is checked against the digests
-        recorded then, and if it changed the block is read from the source to be pruned again ("stale")."""
+              prefetching: bool = False) -> tuple[dict[str, torch.Tensor], str | Future | None]:
+        """Block ``index``'s tensors on the host, and what their bytes say (hashed on the prefetch thread
+        when prefetching, so off the compute's path): for a block to prune, the digest of its source bytes
+        (for a CUDA prefetch, a Future: the block goes on to the device while it is hashed); for a block an
+        earlier run finished, its output shard is checked against the digests recorded then, and if it
+        changed the block is read from the source to be pruned again ("stale")."""
         if index in self.done and not original:
             recorded = self.writer.state["blocks"][str(index)].get("tensors")
             try:
@@ -255,6 +260,9 @@ class StreamingBlockStore:
         tensors = self._read_files(self.source_files(index), device, prefetching)
         if original:
             return tensors, None
+        if prefetching and device.type == "cuda":  # copied to the device as soon as read; hashed meanwhile
+            self._hashing = self._digester.submit(lambda: combined_digest(tensor_digests(tensors, self._hashers)))
+            return tensors, self._hashing
         return tensors, combined_digest(tensor_digests(tensors, self._hashers))
 
     def _read_files(self, files: dict[Path, list[str] | None], device: torch.device, prefetching: bool) -> dict[str, torch.Tensor]:
@@ -265,6 +273,8 @@ class StreamingBlockStore:
             if prefetching and device.type == "cuda":
                 if self._copied is not None:
                     self._copied.synchronize()  # the staging buffer's last contents are on the device
+                if self._hashing is not None:
+                    futures_wait([self._hashing])  # ... and hashed
                 tensors, self._staging = read_to_host(files, self._staging, pin=True)
                 return tensors
             return read_to_host(files)[0]
@@ -274,7 +284,7 @@ class StreamingBlockStore:
     def _schedule(self, key: tuple[int, bool], device: torch.device) -> None:
         self._prefetcher.schedule(key, lambda: self._onto(device, *self._read(*key, device, prefetching=True)))
 
-    def _onto(self, device: torch.device, tensors: dict[str, torch.Tensor], note: str | None):
+    def _onto(self, device: torch.device, tensors: dict[str, torch.Tensor], note: str | Future | None):
         """On a CUDA device, the prefetched block copied there on the prefetch thread's own stream, while the
         current block computes; returns the tensors, ``note`` and an event that says when they are there
         (None elsewhere: ``load`` copies them)."""
@@ -292,6 +302,7 @@ class StreamingBlockStore:
     def close(self) -> None:
         if self._prefetcher is not None:
             self._prefetcher.close()
+        self._digester.shutdown()
         self._hashers.shutdown()
         self._staging = None
 
@@ -308,7 +319,7 @@ class StreamingBlockStore:
         else:
             (tensors, note), ready = self._read(index, original, device), None
         del read
-        if note is not None and note.startswith("stale:"):
+        if isinstance(note, str) and note.startswith("stale:"):
             logger.warning("block %d's shard in %s differs from what the earlier run recorded; pruning it again",
                            index, self.partial)
             self.done.discard(index)  # the loop's ``skip``: block ``index`` is pruned again
@@ -351,7 +362,8 @@ class StreamingBlockStore:
             targets = find_targets(block, prefix[:-1], self.config.targets, self.config.ignore)
             hashed = {t.name: (t.state_key, t.expert) for t in targets}
             started = self._started.pop(index, None)
-            extra = {"source": self.source_digests.pop(index, None),
+            source = self.source_digests.pop(index, None)
+            extra = {"source": source.result() if isinstance(source, Future) else source,
                      "seconds": time.perf_counter() - started if started is not None else None}
             self.writer.submit(index, tensors, hashed, self.pending_records.pop(index, []),
                                release=lambda: self.buffers.release(buffer), extra=extra, ready=ready)
