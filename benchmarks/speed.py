@@ -228,6 +228,7 @@ def run_one(args: argparse.Namespace) -> dict:
         "block_s_max": max(blocks),
         "peak_gpu_gib": gpu,
         "peak_rss_gib": rss,
+        "timings": report.timings,  # a streamed run's stages outside the blocks (setup, capture, flush, ...)
         "sparsity": sum(r["sparsity"] * r["shape"][0] * r["shape"][1] for r in report.layers)
         / sum(r["shape"][0] * r["shape"][1] for r in report.layers) if report.layers else None,
     }

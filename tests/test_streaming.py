@@ -449,3 +449,19 @@ def test_resume_with_prefetch(tmp_path, monkeypatch, owl):
     a = json.loads((out / MANIFEST_NAME).read_text())
     b = json.loads((tmp_path / "ref" / MANIFEST_NAME).read_text())
     assert a["layers"] == b["layers"]
+
+
+def test_a_streamed_run_reports_where_its_time_went(checkpoint, tmp_path):
+    """The stages outside the blocks are timed (what ``benchmarks/speed.py`` reports next to the blocks'
+    time): each present, none negative, together no more than the whole call."""
+    import time
+
+    pruner = StatPruner.from_pretrained(checkpoint, config=StatPruneConfig(method="wanda", sample_tokens=32),
+                                        device="cpu")
+    start = time.perf_counter()
+    pruner.prune(token_ids(6, 16), output_dir=tmp_path / "out", progress=False)
+    total = time.perf_counter() - start
+    timings = pruner.report.timings
+    assert set(timings) == {"setup_s", "outside_s", "capture_s", "blocks_s", "flush_s", "finish_s"}
+    assert all(v >= 0 for v in timings.values()) and sum(timings.values()) <= total
+    assert timings["blocks_s"] >= pruner.report.seconds * 0.99  # the block loop is inside its stage

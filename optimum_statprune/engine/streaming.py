@@ -502,6 +502,7 @@ def prune_checkpoint(
     it with its share of ``batches``; rank 0 alone checks and resumes the output (its resume state is
     broadcast), writes the shards, the manifest (with the world size) and publishes; every rank returns
     the same report."""
+    started = time.perf_counter()
     options = options if options is not None else StreamingOptions()
     dist = dist if dist is not None else DistContext()
     output = dist.on_main(lambda: check_output(output_dir, overwrite, source))
@@ -545,8 +546,10 @@ def prune_checkpoint(
         buffers.prepare(block_bytes, 1)  # the first block's buffer, allocated while block 0 computes
     store = StreamingBlockStore(block_list, blocks_path, reader, partial, dtype, writer, config, done, buffers,
                                 conversion, prefetch=options.prefetch)
+    timings = {"setup_s": time.perf_counter() - started}  # where the time outside the blocks goes
     try:
         store.start(0, device, original=config.owl)  # block 0 is read while the rest is set up
+        mark = time.perf_counter()
         outside_tensors = _load_outside(model, blocks_path, reader, device, dtype, conversion)
         # everything outside the blocks, copied through unchanged (tied weights stay as the checkpoint had
         # them), written in the background while the blocks are pruned
@@ -557,26 +560,33 @@ def prune_checkpoint(
         if dist.active and config.needs_activations:
             share = Share.of(dist, batches, BLOCK_CHECK_BATCHES)
             batches = [batches[b] for b in share.batches]
+        timings["outside_s"], mark = time.perf_counter() - mark, time.perf_counter()
         if config.needs_activations:
             dt = dtype or model.get_input_embeddings().weight.dtype
             on_host = choose_placement(activations, batches, hidden_size(model), dt, device)
             inputs = capture_block_inputs(model, blocks_path, block_list, batches, device, on_host)
         else:
             inputs = BlockInputs([], False, [], [], [])
+        timings["capture_s"], mark = time.perf_counter() - mark, time.perf_counter()
         report = prune_blocks(store, n_blocks, blocks_path, inputs, config, device, progress, skip=done,
                               on_block_pruned=lambda i, recs: store.pending_records.__setitem__(i, recs),
                               dist=dist, share=share)
+        timings["blocks_s"], mark = time.perf_counter() - mark, time.perf_counter()
     finally:
         store.close()
         writer.close()  # every shard durable and recorded
+    timings["flush_s"], mark = time.perf_counter() - mark, time.perf_counter()
     if dist.active:
         dist.barrier()  # every rank is done reading the partial directory before rank 0 publishes it
-        finished = dist.on_main(lambda: _finish(partial, output, state, report, done, n_blocks, total, outside_keys,
-                                                  writer, model, dtype, config, base_model, tokenizer, calibration_info,
-                                                  source, dist.world_size))
-        return finished
-    return _finish(partial, output, state, report, done, n_blocks, total, outside_keys, writer, model, dtype, config,
-                   base_model, tokenizer, calibration_info, source, 1)
+        report = dist.on_main(lambda: _finish(partial, output, state, report, done, n_blocks, total, outside_keys,
+                                                writer, model, dtype, config, base_model, tokenizer, calibration_info,
+                                                source, dist.world_size))
+    else:
+        report = _finish(partial, output, state, report, done, n_blocks, total, outside_keys, writer, model, dtype,
+                         config, base_model, tokenizer, calibration_info, source, 1)
+    timings["finish_s"] = time.perf_counter() - mark
+    report.timings = timings
+    return report
 
 
 def _finish(partial, output, state, report, done, n_blocks, total, outside_keys, writer, model, dtype, config,
