@@ -206,12 +206,12 @@ def after_mask(
         record["compensation"] = {"kind": kind, "applied": False, "reason": NO_TOKENS}
         return pruned.weight, pruned.mask, None
     layer_check = config.resolve("safety_check") and config.resolve("safety_scope") == "layer"
-    # the weight is unchanged so far: w0 in the model's dtype, for the layer check's half-precision products
     result = compensate(
-        target.weight().detach(), pruned.mask, kind, stats.channel if stats is not None else None,
+        w0, pruned.mask, kind, stats.channel if stats is not None else None,
         has_bias=target.bias is not None, add_bias=config.add_bias, ec_steps=config.ec_steps,
         ec_centered=config.ec_centered, ec_clamp=config.ec_clamp, shrink=config.resolve("compensation_shrink"),
         safety_check=layer_check,
+        model_weight=target.weight().detach(),  # unchanged so far: w0 in the model's dtype, for the layer check
     )
     if uncompensated is not None and result.record.get("applied"):
         bias = target.bias.detach().clone() if target.bias is not None else None

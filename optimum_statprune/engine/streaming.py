@@ -49,7 +49,14 @@ from ..checkpoint.shards import (
     read_to_host,
     shard_name,
 )
-from ..checkpoint.writer import STATE_NAME, HostBufferPool, ReadOnlyWriter, ShardWriter, writer_threads_for
+from ..checkpoint.writer import (
+    STATE_NAME,
+    HostBufferPool,
+    ReadOnlyWriter,
+    ShardWriter,
+    write_buffer_count,
+    writer_threads_for,
+)
 from ..config import StatPruneConfig
 from ..sharing.manifest import build_manifest, pruning_config_block, write_manifest
 from ..tensor_math.patterns import PatternError
@@ -71,22 +78,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["STATE_NAME", "HostBufferPool", "ResumeMismatchError", "ShardWriter", "StreamingOptions",
            "build_skeleton", "check_pattern_widths", "prune_checkpoint", "write_buffer_count", "writer_threads_for"]
-
-
-PINNED_WRITE_BYTES = 2 << 30
-"""Pinned write buffers in all, in block bytes (at least one buffer).
-
-Blocks reach them on a side stream, so a buffer is taken before its block's last kernels have run and is
-held until the block is written. With the copies made that way, the 70B shape's host RSS went from 7.4 to
-11.5 GiB (H200): most likely two more 1.7 GB blocks (2 GiB each once pinned) were held at once. This cap
-keeps that shape at one write buffer, as before; a 7B block (0.4 GB) keeps the four the writer can use."""
-
-
-def write_buffer_count(writer_threads: int, block_bytes: int, pin: bool) -> int:
-    """Host buffers carrying blocks to the writer: one per writer thread, one queued, one being filled;
-    pinned ones no more than ``PINNED_WRITE_BYTES`` hold (at least one)."""
-    count = writer_threads + 2
-    return min(count, max(1, PINNED_WRITE_BYTES // max(block_bytes, 1))) if pin else count
 
 
 @dataclass(frozen=True)

@@ -166,6 +166,7 @@ def compensate(
     ec_clamp: tuple[float, float] = (1.0, 2.0),
     shrink: float = 1.0,
     safety_check: bool = False,
+    model_weight: torch.Tensor | None = None,
 ) -> Compensated:
     """Apply compensation ``kind`` to the masked weight, moved ``shrink`` of the way from the pruned
     weight; with ``safety_check``, keep it only if it lowers the output error on the token subsample, and
@@ -174,9 +175,9 @@ def compensate(
     The least-squares scale is fitted on the even rows of the subsample and judged on the odd ones: judged
     on the rows it was fitted to, it can only look better, and the check would never say no.
 
-    ``w0`` may be in the model's dtype: with half-precision token rows of the same dtype, the errors of
-    the row scales (``ec-activation``, ``lsq``) come from ``row_scaled_errors``."""
-    original = w0.detach()
+    ``model_weight`` is ``w0`` as the model holds it (default ``w0`` itself): with half-precision token rows
+    of its dtype, the errors of the row scales (``ec-activation``, ``lsq``) come from ``row_scaled_errors``."""
+    original = (model_weight if model_weight is not None else w0).detach()
     w0 = _f32(w0)
     pruned = w0 * mask
     record: dict[str, Any] = {"kind": kind}
