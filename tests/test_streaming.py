@@ -36,7 +36,7 @@ def _assert_identical(a, b):
     ta, tb = _tensors(a), _tensors(b)
     assert set(ta) == set(tb)
     for k in ta:
-        assert torch.equal(ta[k], tb[k]), k
+        assert ta[k].dtype == tb[k].dtype and torch.equal(ta[k], tb[k]), k  # equal alone promotes dtypes
 
 
 @pytest.fixture
@@ -64,6 +64,30 @@ def test_streamed_equals_in_memory_bit_for_bit(checkpoint, tmp_path, method, pat
         assert torch.equal(reloaded(ids).logits, in_memory.model(ids).logits)
     assert (tmp_path / "streamed" / "tokenizer.json").exists()
     assert not list(tmp_path.glob(".streamed.partial"))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="float16 GPU kernels need a GPU"))])
+@pytest.mark.parametrize("stored,requested", [(torch.float32, torch.float16), (torch.float16, None)])
+def test_streamed_runs_and_writes_in_the_dtype_the_in_memory_path_loads(tmp_path, stored, requested, device):
+    """A float32 checkpoint pruned with ``dtype=float16``, and a float16 one whose config names no dtype
+    (``dtype="auto"`` takes the stored one): the blocks compute in that dtype and every tensor is written in
+    it, bit for bit what the in-memory path gives (the skeleton once kept the config's dtype, and the blocks
+    silently ran and were written in float32)."""
+    build("llama").to(stored).save_pretrained(tmp_path / "src", max_shard_size="40KB")
+    if requested is None:
+        config_file = tmp_path / "src" / "config.json"
+        config_file.write_text(json.dumps({k: v for k, v in json.loads(config_file.read_text()).items() if k != "dtype"}))
+    cfg = StatPruneConfig(method="wanda", sample_tokens=32)
+    kwargs = {"dtype": requested} if requested is not None else {}
+    ids = token_ids(6, 16)
+    StatPruner.from_pretrained(tmp_path / "src", config=cfg, device=device, **kwargs).prune(
+        ids, output_dir=tmp_path / "streamed", progress=False)
+    in_memory = StatPruner.from_pretrained(tmp_path / "src", config=cfg, device=device, **kwargs)
+    in_memory.prune(ids, progress=False)
+    in_memory.save_pretrained(tmp_path / "memory")
+    _assert_identical(tmp_path / "streamed", tmp_path / "memory")
+    assert {v.dtype for v in _tensors(tmp_path / "streamed").values()} == {torch.float16}
 
 
 @pytest.mark.parametrize("arch,method,pattern", [("mixtral", "statprune", "unstructured"), ("qwen2_moe", "wanda", "2:4")])

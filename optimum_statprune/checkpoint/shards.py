@@ -89,6 +89,17 @@ class CheckpointReader:
             by_file.setdefault(self.directory / self.weight_map[k], []).append(k)
         return by_file
 
+    def stored_dtype(self) -> torch.dtype | None:
+        """The first floating dtype stored, in weight-map order, from the headers alone: what
+        ``from_pretrained(dtype="auto")`` loads a checkpoint whose config names no dtype in."""
+        for file in dict.fromkeys(self.weight_map.values()):
+            _, header = safetensors_header(self.directory / file)
+            for entry in header.values():
+                dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
+                if dtype is not None and dtype.is_floating_point:
+                    return dtype
+        return None
+
     def fingerprint(self) -> str:
         """Identifies the checkpoint by content, not by timestamps: the weight map and, per shard, its name,
         size and the sha256 of its header (every tensor's name, dtype, shape and offsets). Reads only the

@@ -438,11 +438,15 @@ def _load_outside(model: nn.Module, blocks_path: str, reader: CheckpointReader, 
     return tensors
 
 
-def build_skeleton(source: str | os.PathLike, trust_remote_code: bool = False) -> nn.Module:
-    """The model on the meta device: no weights are read or allocated."""
+def build_skeleton(source: str | os.PathLike, trust_remote_code: bool = False,
+                   dtype: torch.dtype | None = None) -> nn.Module:
+    """The model on the meta device, its floating tensors in ``dtype`` (the config's when None): no weights
+    are read or allocated. Checkpoint tensors loaded into it take its dtypes, so the skeleton's dtype is
+    the one the blocks compute in."""
     config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    kwargs = {"dtype": dtype} if dtype is not None else {}
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, **kwargs)
     model.eval()
     return model
 
@@ -498,7 +502,9 @@ def prune_checkpoint(
     dist = dist if dist is not None else DistContext()
     output = dist.on_main(lambda: check_output(output_dir, overwrite, source))
     reader = CheckpointReader(source)
-    model = build_skeleton(source, trust_remote_code)
+    requested = dtype
+    dtype = dtype or _auto_dtype(source, reader, trust_remote_code)
+    model = build_skeleton(source, trust_remote_code, dtype)
     blocks_path, block_list = find_blocks(model, blocks)
     check_pattern_widths(model, config, blocks)
     n_blocks = len(block_list)
@@ -509,7 +515,7 @@ def prune_checkpoint(
         "config": config.resolved(),
         "calibration": calibration_info,
         "checkpoint": reader.fingerprint(),
-        "dtype": str(dtype) if dtype is not None else None,
+        "dtype": str(requested) if requested is not None else None,
     }
     if dist.active:  # sums in another order: a resume must not mix world sizes
         identity["world_size"] = dist.world_size
@@ -553,8 +559,7 @@ def prune_checkpoint(
             batches = [batches[b] for b in share.batches]
         timings["outside_s"], mark = time.perf_counter() - mark, time.perf_counter()
         if config.needs_activations:
-            dt = dtype or model.get_input_embeddings().weight.dtype
-            on_host = choose_placement(activations, batches, hidden_size(model), dt, device)
+            on_host = choose_placement(activations, batches, hidden_size(model), dtype, device)
             inputs = capture_block_inputs(model, blocks_path, block_list, batches, device, on_host)
         else:
             inputs = BlockInputs([], False, [], [], [])
@@ -617,6 +622,16 @@ def _finish(partial, output, state, report, done, n_blocks, total, outside_keys,
             fsync_path(f)
     publish(partial, output)
     return report
+
+
+def _auto_dtype(source: str | os.PathLike, reader: CheckpointReader, trust_remote_code: bool) -> torch.dtype:
+    """The dtype ``from_pretrained(dtype="auto")`` loads the checkpoint in, as the in-memory path does: the
+    config's, else the first floating dtype stored, else float32."""
+    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    named = getattr(config, "dtype", None)
+    if isinstance(named, str):
+        named = getattr(torch, named)
+    return named or reader.stored_dtype() or torch.float32
 
 
 def _block_keys(reader: CheckpointReader, blocks_path: str) -> dict[int, list[str]]:
