@@ -80,6 +80,69 @@ def test_valid_files_still_read(tmp_path):
     assert all(torch.equal(read[k], v) for k, v in tensors.items())
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the pinned chunks need a GPU"))])
+def test_stored_tensors_read_a_chunk_at_a_time_are_the_stored_ones(tmp_path, monkeypatch, device):
+    from safetensors.torch import save_file
+
+    monkeypatch.setattr(shards, "COPY_CHUNK_BYTES", 24)  # several chunks per tensor, a short last one
+    tensors = {"x": torch.randn(7, 5), "e": torch.zeros(0), "b": torch.tensor([True, False]),
+               "h": torch.randn(13).half(), "i": torch.arange(9)}
+    save_file(tensors, tmp_path / "ok.safetensors")
+    stored = shards.locate({tmp_path / "ok.safetensors": None})
+    assert sorted(t.name for t in stored) == sorted(tensors)
+    read = dict(shards.read_tensors(stored, device))
+    assert list(read) == [t.name for t in stored]
+    for k, got in read.items():
+        assert got.device.type == device and got.dtype == tensors[k].dtype
+        assert torch.equal(got.cpu(), tensors[k])
+
+
+@pytest.mark.parametrize("dtype", [None, torch.float16, torch.bfloat16])
+def test_a_copy_written_a_chunk_at_a_time_is_a_valid_file_of_the_same_tensors(tmp_path, monkeypatch, dtype):
+    """``write_copy`` builds the safetensors file itself: the header validates, safetensors reads it, floating
+    tensors are cast (rounded as ``Tensor.to`` rounds), others kept, and each digest is that of the tensor
+    as written. Chunks of 24 bytes split every tensor."""
+    from safetensors.torch import save_file
+
+    monkeypatch.setattr(shards, "COPY_CHUNK_BYTES", 24)
+    a = {"w": torch.randn(7, 5), "ids": torch.arange(11), "mask": torch.tensor([True, False, True])}
+    b = {"e": torch.zeros(0, 3), "h": torch.randn(3, 3).half(), "big": torch.randn(40) * 1e3}
+    save_file(a, tmp_path / "a.safetensors")
+    save_file(b, tmp_path / "b.safetensors")
+    stored = shards.locate({tmp_path / "a.safetensors": None, tmp_path / "b.safetensors": ["h", "big", "e"]})
+    casts = []
+    digests = shards.write_copy(tmp_path / "out.safetensors", stored, dtype,
+                                cast=lambda chunk, key: casts.append(key) or chunk.to(dtype))
+    shards.safetensors_header(tmp_path / "out.safetensors")  # offsets contiguous, sizes match, no trailing bytes
+    out = load_file(tmp_path / "out.safetensors")
+    expected = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in {**a, **b}.items()}
+    assert set(out) == set(expected)
+    for k, v in expected.items():
+        assert out[k].dtype == v.dtype and torch.equal(out[k], v), k
+    assert digests == {k: tensor_sha256(v) for k, v in expected.items()}
+    assert set(casts) == {k for k, v in (a | b).items()  # an empty tensor has no chunk to cast
+                          if dtype is not None and v.is_floating_point() and v.dtype != dtype and v.numel()}
+
+
+def test_tensors_outside_the_blocks_are_written_from_the_source_files(checkpoint, tmp_path, monkeypatch):
+    """The embedding and ``lm_head`` are copied a chunk at a time from the source (not held in memory as a
+    whole until written), read one at a time for the model, and the output has them bit for bit."""
+    copies = []
+    submit = streaming.ShardWriter.submit_copy
+    monkeypatch.setattr(streaming.ShardWriter, "submit_copy",
+                        lambda self, name, stored, *a, **k: copies.append([t.name for t in stored]) or
+                        submit(self, name, stored, *a, **k))
+    monkeypatch.setattr(streaming.ShardWriter, "submit_file", lambda *a, **k: pytest.fail("written whole"))
+    StatPruner.from_pretrained(checkpoint, config=WANDA, device="cpu").prune(
+        token_ids(6, 16), output_dir=tmp_path / "out", progress=False)
+    source = shards.CheckpointReader(checkpoint)
+    outside = [k for k in source.tensor_names() if not k.startswith("model.layers.")]
+    assert copies == [outside] and "lm_head.weight" in outside
+    written = shards.CheckpointReader(tmp_path / "out").read(outside)
+    assert all(torch.equal(v, written[k]) for k, v in source.read(outside).items())
+
+
 # ---------------------------------------------------------------------------------------- manifest
 @pytest.fixture
 def checkpoint(tmp_path):

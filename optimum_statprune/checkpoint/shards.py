@@ -1,12 +1,15 @@
 """Reading safetensors checkpoints: the index, shard headers, tensors straight to host memory or a device,
-and the hash of a tensor's stored bytes. Streaming and verification both read through here."""
+the hash of a tensor's stored bytes, and copying stored tensors into a new file a chunk at a time.
+Streaming and verification both read through here."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+import struct
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +40,7 @@ for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), (
                      ("U32", "uint32"), ("U64", "uint64")):
     if hasattr(torch, _attr):
         SAFETENSORS_DTYPES[_name] = getattr(torch, _attr)
+_SAFETENSORS_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
 
 # bits per element of every dtype safetensors defines (sub-byte ones are packed)
@@ -209,6 +213,102 @@ def read_exact(f, offset: int, out: torch.Tensor) -> None:
         pos += n
 
 
+@dataclass(frozen=True)
+class StoredTensor:
+    """Where one tensor's bytes lie in a safetensors file (``offset``: from the start of the file)."""
+
+    name: str
+    path: Path
+    offset: int
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+def locate(files: dict[Path, list[str] | None]) -> list[StoredTensor]:
+    """The tensors of ``files`` (``None``: all of a file's), from the headers alone; ``KeyError`` for a
+    dtype torch has no tensor type for."""
+    out = []
+    for path, names in files.items():
+        start, header = safetensors_header(path)
+        for name in header if names is None else names:
+            if name not in header:
+                raise CheckpointError(f"{path}: has no tensor {name!r}, which the index places there")
+            entry = header[name]
+            begin, end = entry["data_offsets"]
+            out.append(StoredTensor(name, Path(path), start + begin, end - begin, SAFETENSORS_DTYPES[entry["dtype"]],
+                                    tuple(entry["shape"])))
+    return out
+
+
+COPY_CHUNK_BYTES = 64 * 2**20
+"""What one step of a chunked read or copy holds in host memory."""
+
+
+def read_tensors(stored: Sequence[StoredTensor], device: torch.device | str = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
+    """The stored tensors on ``device`` one at a time, bytes unchanged. On a GPU they go through two pinned
+    chunks in turn (one is read while the other is copied), so host memory holds two chunks, not a tensor."""
+    device = torch.device(device)
+    staging: list[torch.Tensor] = []
+    copied: list[torch.cuda.Event | None] = [None, None]
+    for t in stored:
+        out = torch.empty(t.nbytes, dtype=torch.uint8, device=device)
+        with open(t.path, "rb", buffering=0) as f:
+            if device.type == "cpu":
+                read_exact(f, t.offset, out)
+                yield t.name, out.view(t.dtype).view(t.shape)
+                continue
+            if not staging and t.nbytes:
+                staging = [torch.empty(COPY_CHUNK_BYTES, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+            for j, pos in enumerate(range(0, t.nbytes, COPY_CHUNK_BYTES)):
+                n, slot = min(COPY_CHUNK_BYTES, t.nbytes - pos), j % 2
+                if copied[slot] is not None:
+                    copied[slot].synchronize()  # its last chunk is on the device
+                read_exact(f, t.offset + pos, staging[slot][:n])
+                out[pos : pos + n].copy_(staging[slot][:n], non_blocking=True)
+                copied[slot] = torch.cuda.Event()
+                copied[slot].record(torch.cuda.current_stream(device))
+        yield t.name, out.view(t.dtype).view(t.shape)
+    if staging:
+        torch.cuda.current_stream(device).synchronize()  # the copies are done before the staging goes
+
+
+def write_copy(destination: Path, tensors: Sequence[StoredTensor], dtype: torch.dtype | None = None,
+               cast: Callable[[torch.Tensor, str], torch.Tensor] = lambda t, _: t) -> dict[str, str]:
+    """Write ``tensors`` read from their files into one safetensors file at ``destination``, floating ones
+    converted to ``dtype`` by ``cast(chunk, name)`` (which may refuse an overflowing cast), a chunk at a time: host memory holds one chunk, not
+    the tensors (an embedding and ``lm_head`` of a large vocabulary are gigabytes). Returns each tensor's
+    sha256 as written (``tensor_sha256`` of it)."""
+    plan, begin = [], 0
+    for t in sorted(tensors, key=lambda t: t.name):
+        out_dtype = dtype if dtype is not None and t.dtype.is_floating_point else t.dtype
+        nbytes = t.nbytes // t.dtype.itemsize * out_dtype.itemsize
+        plan.append((t, out_dtype, begin, begin + nbytes))
+        begin += nbytes
+    header = {"__metadata__": {"format": "pt"}}
+    header.update({t.name: {"dtype": _SAFETENSORS_NAMES[d], "shape": list(t.shape), "data_offsets": [b, e]}
+                   for t, d, b, e in plan})
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    digests = {}
+    with open(destination, "wb") as out:
+        out.write(struct.pack("<Q", len(raw)) + raw)
+        for t, out_dtype, _, _ in plan:
+            h = hashlib.sha256()
+            with open(t.path, "rb", buffering=0) as f:
+                chunk = torch.empty(min(COPY_CHUNK_BYTES, t.nbytes), dtype=torch.uint8)
+                for pos in range(0, t.nbytes, COPY_CHUNK_BYTES):
+                    piece = chunk[: min(COPY_CHUNK_BYTES, t.nbytes - pos)]
+                    read_exact(f, t.offset + pos, piece)
+                    if out_dtype != t.dtype:
+                        piece = cast(piece.view(t.dtype), t.name).to(out_dtype).view(torch.uint8)
+                    data = memoryview(piece.numpy())
+                    h.update(data)
+                    out.write(data)
+            digests[t.name] = h.hexdigest()
+    return digests
+
+
 def read_to_host(files: dict[Path, list[str] | None], staging: torch.Tensor | None = None,
                  pin: bool = False) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
     """Read tensors (``None``: all of a file's) with plain reads into host memory, bytes unchanged.
@@ -217,35 +317,24 @@ def read_to_host(files: dict[Path, list[str] | None], staging: torch.Tensor | No
     whole: many mid-size ones made on this thread and freed on another fragment its heap). With ``pin`` the
     buffer is pinned and reused as ``staging`` while large enough, so the tensors must be copied to the
     device before the next read. Returns the tensors and the buffer."""
-    plan = []
-    for path, names in files.items():
-        start, header = safetensors_header(path)
-        for name in header if names is None else names:
-            if name not in header:
-                raise CheckpointError(f"{path}: has no tensor {name!r}, which the index places there")
-            entry = header[name]
-            begin, end = entry["data_offsets"]
-            plan.append((path, start + begin, end - begin, SAFETENSORS_DTYPES[entry["dtype"]], entry["shape"], name))
-    out: dict[str, torch.Tensor] = {}
+    plan = locate(files)
     total, offset = 0, []
-    for item in plan:
+    for t in plan:
         offset.append(total)
-        total += aligned_nbytes(item[2])
+        total += aligned_nbytes(t.nbytes)
     if not pin:
         staging = torch.empty(max(total, 1), dtype=torch.uint8)
     elif staging is None or staging.numel() < total:
         staging = torch.empty(max(total, 1), dtype=torch.uint8, pin_memory=True)
-    slots = [staging[o : o + item[2]] for o, item in zip(offset, plan, strict=True)]
+    slots = [staging[o : o + t.nbytes] for o, t in zip(offset, plan, strict=True)]
     by_file: dict[Path, list[int]] = {}
-    for j, item in enumerate(plan):
-        by_file.setdefault(item[0], []).append(j)
+    for j, t in enumerate(plan):
+        by_file.setdefault(t.path, []).append(j)
     for path, js in by_file.items():
         with open(path, "rb", buffering=0) as f:
-            for j in sorted(js, key=lambda j: plan[j][1]):  # in file order
-                read_exact(f, plan[j][1], slots[j])
-    for (_, _, _, dtype, shape, name), slot in zip(plan, slots, strict=True):
-        out[name] = slot.view(dtype).view(shape)
-    return out, staging
+            for j in sorted(js, key=lambda j: plan[j].offset):  # in file order
+                read_exact(f, plan[j].offset, slots[j])
+    return {t.name: slot.view(t.dtype).view(t.shape) for t, slot in zip(plan, slots, strict=True)}, staging
 
 
 def sha256_in_place(tensor: torch.Tensor) -> str:

@@ -8,18 +8,21 @@ import json
 import os
 import queue
 import threading
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial as bind
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psutil
 import torch
 from safetensors.torch import save_file
 
 from .atomic import atomic_write_text, fsync_path
-from .shards import sha256_in_place, shard_name
+from .shards import StoredTensor, sha256_in_place, shard_name, write_copy
 
 STATE_NAME = "statprune_state.json"
+_T = TypeVar("_T")
 
 
 def _available_host_memory() -> int | None:
@@ -151,9 +154,16 @@ class ShardWriter:
         self._queue.put((index, tensors, hashed, records, release, extra or {}, ready))
 
     def submit_file(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
-        """Write (and make durable) a shard that is not a block, e.g. the tensors outside the blocks."""
+        """Write (and make durable) a shard that is not a block."""
         self._raise()
         self._queue.put((name, tensors))
+
+    def submit_copy(self, name: str, tensors: Sequence[StoredTensor], dtype: torch.dtype | None,
+                    cast: Callable[[torch.Tensor, str], torch.Tensor]) -> None:
+        """Write a shard that is not a block straight from the tensors' source files (``write_copy``), e.g.
+        the tensors outside the blocks: host memory holds a chunk of them at a time, not all of them."""
+        self._raise()
+        self._queue.put((name, bind(write_copy, tensors=tensors, dtype=dtype, cast=cast)))
 
     def close(self) -> None:
         """Wait until every submitted shard is written, durable and recorded."""
@@ -191,20 +201,26 @@ class ShardWriter:
             if release is not None:
                 release()
 
-    def _save(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+    def _save(self, name: str, write: Callable[[Path], _T]) -> _T:
+        """``write(path)`` a temporary file, then rename it to shard ``name``."""
         tmp = self.partial / f".{name}.tmp"
-        save_file(tensors, tmp, metadata={"format": "pt"})
+        result = write(tmp)
         if self.sync == "inline":
             fsync_path(tmp)
         os.replace(tmp, self.partial / name)
+        return result
 
     def _hash_all(self, tensors: dict[str, torch.Tensor]) -> dict[str, Future]:
         return {k: self._hashers.submit(sha256_in_place, v) for k, v in tensors.items()}
 
-    def _write_file(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
-        digests = self._hash_all(tensors)
-        self._save(name, tensors)
-        self.file_digests[name] = {k: f.result() for k, f in digests.items()}
+    def _write_file(self, name: str, tensors: dict[str, torch.Tensor] | Callable[[Path], dict[str, str]]) -> None:
+        """A shard that is not a block: ``tensors``, or a copy that writes the file and returns its digests."""
+        if callable(tensors):
+            self.file_digests[name] = self._save(name, tensors)
+        else:
+            digests = self._hash_all(tensors)
+            self._save(name, bind(save_file, tensors, metadata={"format": "pt"}))
+            self.file_digests[name] = {k: f.result() for k, f in digests.items()}
         if self.sync == "inline":
             fsync_path(self.partial, directory=True)
         else:
@@ -226,7 +242,7 @@ class ShardWriter:
             else:
                 t = model_format[key] if expert is None else model_format[key][expert]
                 digests[rec["name"]] = self._hashers.submit(sha256_in_place, t)
-        self._save(name, tensors)
+        self._save(name, bind(save_file, tensors, metadata={"format": "pt"}))
         for rec in records:
             rec["sha256"] = digests[rec["name"]].result()
         entry = {"shard": name, "keys": sorted(tensors), "layers": records,
@@ -288,6 +304,10 @@ class ReadOnlyWriter:
             release()
 
     def submit_file(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        pass
+
+    def submit_copy(self, name: str, tensors: Sequence[StoredTensor], dtype: torch.dtype | None,
+                    cast: Callable[[torch.Tensor, str], torch.Tensor]) -> None:
         pass
 
     def close(self) -> None:

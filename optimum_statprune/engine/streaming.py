@@ -46,6 +46,8 @@ from ..checkpoint.shards import (
     CheckpointError,
     CheckpointReader,
     aligned_nbytes,
+    locate,
+    read_tensors,
     read_to_host,
     shard_name,
 )
@@ -421,21 +423,30 @@ def _persistent_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
 
 
 def _load_outside(model: nn.Module, blocks_path: str, reader: CheckpointReader, device: torch.device,
-                  dtype, conversion: CheckpointConversion) -> dict[str, torch.Tensor]:
-    """Load every checkpoint tensor outside the blocks into the skeleton; return them as read (on the host,
-    in ``dtype``), for the output's last shard."""
+                  dtype: torch.dtype, conversion: CheckpointConversion, writer: ShardWriter, shard: str) -> list[str]:
+    """Load every checkpoint tensor outside the blocks into the skeleton on ``device``, in ``dtype``, and
+    queue them, unchanged but for the dtype (tied weights as the checkpoint had them), as the output's
+    ``shard``; returns their keys. Read one at a time and written straight from the source files, so host
+    memory holds chunks of them, not all of them: an embedding and ``lm_head`` of a large vocabulary are
+    gigabytes each."""
     keys = [k for k in reader.tensor_names() if not k.startswith(blocks_path + ".")]
-    tensors = {}
-    for key, value in reader.read(keys, "cpu").items():
-        tensors[key] = cast_finite(value, dtype, key).contiguous()
+    try:
+        stored = locate(reader.files(keys))
+    except KeyError:  # a dtype read_tensors does not know: safetensors reads them, and they are written whole
+        tensors = {k: cast_finite(v, dtype, k).contiguous() for k, v in reader.read(keys, "cpu").items()}
+        writer.submit_file(shard, tensors)
+    else:
+        tensors = {k: cast_finite(v, dtype, k) for k, v in read_tensors(stored, device)}
+        writer.submit_copy(shard, stored, dtype, cast=lambda chunk, key: cast_finite(chunk, dtype, key))
     for key, value in conversion.to_model(tensors).items():
         set_module_tensor_to_device(model, key, device, value=value)
+    del tensors
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     still_meta = [n for n, p in model.named_parameters() if p.device.type == "meta" and not n.startswith(blocks_path + ".")]
     if still_meta:
         raise ValueError(f"the checkpoint lacks tensors the model needs outside its blocks: {still_meta[:5]}")
-    return tensors
+    return keys
 
 
 def build_skeleton(source: str | os.PathLike, trust_remote_code: bool = False,
@@ -547,12 +558,9 @@ def prune_checkpoint(
     try:
         store.start(0, device, original=config.owl)  # block 0 is read while the rest is set up
         mark = time.perf_counter()
-        outside_tensors = _load_outside(model, blocks_path, reader, device, dtype, conversion)
-        # everything outside the blocks, copied through unchanged (tied weights stay as the checkpoint had
-        # them), written in the background while the blocks are pruned
-        outside_keys = list(outside_tensors)
-        writer.submit_file(shard_name(n_blocks, total), outside_tensors)
-        del outside_tensors
+        # everything outside the blocks, written in the background while the blocks are pruned
+        outside_keys = _load_outside(model, blocks_path, reader, device, dtype, conversion, writer,
+                                     shard_name(n_blocks, total))
         share = None
         if dist.active and config.needs_activations:
             share = Share.of(dist, batches, BLOCK_CHECK_BATCHES)
