@@ -120,7 +120,8 @@ class PruneReport:
     seconds: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds of a streamed run's stages (``prune_checkpoint``): setup, reading the tensors outside the
-    blocks, capture, the blocks, flushing the writers, and the index, manifest and publish."""
+    blocks (which includes waiting for the CUDA context, also given alone), capture, the blocks, flushing
+    the writers, and the index, manifest and publish."""
     finite_checked_blocks: list[int] = field(default_factory=list)
     """Blocks whose outputs were checked for NaN/Inf: every block whose outputs feed the next one (with
     calibration data; without it there are no outputs, and the weights alone are checked)."""

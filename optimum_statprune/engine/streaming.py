@@ -23,6 +23,7 @@ import dataclasses
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -509,6 +510,7 @@ def prune_checkpoint(
     broadcast), writes the shards, the manifest (with the world size) and publishes; every rank returns
     the same report."""
     started = time.perf_counter()
+    context = _make_cuda_context(torch.device(device))
     options = options if options is not None else StreamingOptions()
     dist = dist if dist is not None else DistContext()
     output = dist.on_main(lambda: check_output(output_dir, overwrite, source))
@@ -558,6 +560,9 @@ def prune_checkpoint(
     try:
         store.start(0, device, original=config.owl)  # block 0 is read while the rest is set up
         mark = time.perf_counter()
+        if context is not None:
+            context.join()
+            timings["cuda_wait_s"] = time.perf_counter() - mark
         # everything outside the blocks, written in the background while the blocks are pruned
         outside_keys = _load_outside(model, blocks_path, reader, device, dtype, conversion, writer,
                                      shard_name(n_blocks, total))
@@ -630,6 +635,22 @@ def _finish(partial, output, state, report, done, n_blocks, total, outside_keys,
             fsync_path(f)
     publish(partial, output)
     return report
+
+
+def _make_cuda_context(device: torch.device) -> threading.Thread | None:
+    """Make ``device``'s CUDA context on a thread of its own, so that its cost overlaps building the
+    skeleton and opening the output rather than delaying the first read to the GPU. Errors are left to
+    the first real use, which reports them."""
+    if device.type != "cuda" or torch.cuda.is_initialized():
+        return None
+
+    def make() -> None:
+        with contextlib.suppress(Exception):
+            torch.empty(0, device=device)
+
+    thread = threading.Thread(target=make, name="statprune-cuda-context", daemon=True)
+    thread.start()
+    return thread
 
 
 def _auto_dtype(source: str | os.PathLike, reader: CheckpointReader, trust_remote_code: bool) -> torch.dtype:
