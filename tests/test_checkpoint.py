@@ -112,7 +112,7 @@ def test_a_copy_written_a_chunk_at_a_time_is_a_valid_file_of_the_same_tensors(tm
     save_file(b, tmp_path / "b.safetensors")
     stored = shards.locate({tmp_path / "a.safetensors": None, tmp_path / "b.safetensors": ["h", "big", "e"]})
     casts = []
-    digests = shards.write_copy(tmp_path / "out.safetensors", stored, dtype,
+    digests = shards.write_copy(tmp_path / "out.safetensors", stored, {t.name: dtype for t in stored if dtype},
                                 cast=lambda chunk, key: casts.append(key) or chunk.to(dtype))
     shards.safetensors_header(tmp_path / "out.safetensors")  # offsets contiguous, sizes match, no trailing bytes
     out = load_file(tmp_path / "out.safetensors")

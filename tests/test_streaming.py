@@ -90,6 +90,32 @@ def test_streamed_runs_and_writes_in_the_dtype_the_in_memory_path_loads(tmp_path
     assert {v.dtype for v in _tensors(tmp_path / "streamed").values()} == {torch.float16}
 
 
+def test_a_tensor_transformers_keeps_in_float32_is_streamed_in_float32(tmp_path):
+    """Dots1 keeps its router in float32 under a half-precision dtype (``_keep_in_fp32_modules_strict``):
+    streamed as bfloat16 from a float32 checkpoint, the router's weight is the stored float32 one, as the
+    in-memory path loads it, not rounded through bfloat16 (as it once was)."""
+    import transformers as tf
+    from tiny_models import VOCAB
+
+    torch.manual_seed(0)
+    config = tf.Dots1Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, n_routed_experts=4,
+                            num_experts_per_tok=2, first_k_dense_replace=1, n_shared_experts=1,
+                            max_position_embeddings=256)
+    tf.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "src", max_shard_size="40KB")
+    cfg = StatPruneConfig(method="wanda", sample_tokens=32)
+    ids = token_ids(6, 16)
+    StatPruner.from_pretrained(tmp_path / "src", config=cfg, device="cpu", dtype=torch.bfloat16).prune(
+        ids, output_dir=tmp_path / "streamed", progress=False)
+    in_memory = StatPruner.from_pretrained(tmp_path / "src", config=cfg, device="cpu", dtype=torch.bfloat16)
+    in_memory.prune(ids, progress=False)
+    in_memory.save_pretrained(tmp_path / "memory")
+    _assert_identical(tmp_path / "streamed", tmp_path / "memory")
+    router = "model.layers.1.mlp.gate.weight"
+    assert _tensors(tmp_path / "streamed")[router].dtype == torch.float32
+    assert torch.equal(_tensors(tmp_path / "streamed")[router], _tensors(tmp_path / "src")[router])
+
+
 @pytest.mark.parametrize("arch,method,pattern", [("mixtral", "statprune", "unstructured"), ("qwen2_moe", "wanda", "2:4")])
 def test_moe_checkpoint_needing_conversion_streams_bit_for_bit(tmp_path, arch, method, pattern):
     """A checkpoint with one tensor per expert (fused by transformers on load) streams block by block: each

@@ -8,7 +8,7 @@ import hashlib
 import json
 import os
 import struct
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -273,15 +273,16 @@ def read_tensors(stored: Sequence[StoredTensor], device: torch.device | str = "c
         torch.cuda.current_stream(device).synchronize()  # the copies are done before the staging goes
 
 
-def write_copy(destination: Path, tensors: Sequence[StoredTensor], dtype: torch.dtype | None = None,
+def write_copy(destination: Path, tensors: Sequence[StoredTensor], dtypes: Mapping[str, torch.dtype] | None = None,
                cast: Callable[[torch.Tensor, str], torch.Tensor] = lambda t, _: t) -> dict[str, str]:
-    """Write ``tensors`` read from their files into one safetensors file at ``destination``, floating ones
-    converted to ``dtype`` by ``cast(chunk, name)`` (which may refuse an overflowing cast), a chunk at a time: host memory holds one chunk, not
-    the tensors (an embedding and ``lm_head`` of a large vocabulary are gigabytes). Returns each tensor's
-    sha256 as written (``tensor_sha256`` of it)."""
+    """Write ``tensors`` read from their files into one safetensors file at ``destination``, a floating one
+    converted to ``dtypes[name]`` (where given) by ``cast(chunk, name)`` (which may refuse an overflowing
+    cast), a chunk at a time: host memory holds one chunk, not the tensors (an embedding and ``lm_head``
+    of a large vocabulary are gigabytes). Returns each tensor's sha256 as written (``tensor_sha256``)."""
+    dtypes = dtypes or {}
     plan, begin = [], 0
     for t in sorted(tensors, key=lambda t: t.name):
-        out_dtype = dtype if dtype is not None and t.dtype.is_floating_point else t.dtype
+        out_dtype = dtypes.get(t.name, t.dtype) if t.dtype.is_floating_point else t.dtype
         nbytes = t.nbytes // t.dtype.itemsize * out_dtype.itemsize
         plan.append((t, out_dtype, begin, begin + nbytes))
         begin += nbytes

@@ -8,7 +8,7 @@ import json
 import os
 import queue
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial as bind
 from pathlib import Path
@@ -158,12 +158,12 @@ class ShardWriter:
         self._raise()
         self._queue.put((name, tensors))
 
-    def submit_copy(self, name: str, tensors: Sequence[StoredTensor], dtype: torch.dtype | None,
+    def submit_copy(self, name: str, tensors: Sequence[StoredTensor], dtypes: Mapping[str, torch.dtype],
                     cast: Callable[[torch.Tensor, str], torch.Tensor]) -> None:
         """Write a shard that is not a block straight from the tensors' source files (``write_copy``), e.g.
         the tensors outside the blocks: host memory holds a chunk of them at a time, not all of them."""
         self._raise()
-        self._queue.put((name, bind(write_copy, tensors=tensors, dtype=dtype, cast=cast)))
+        self._queue.put((name, bind(write_copy, tensors=tensors, dtypes=dtypes, cast=cast)))
 
     def close(self) -> None:
         """Wait until every submitted shard is written, durable and recorded."""
@@ -306,7 +306,7 @@ class ReadOnlyWriter:
     def submit_file(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
         pass
 
-    def submit_copy(self, name: str, tensors: Sequence[StoredTensor], dtype: torch.dtype | None,
+    def submit_copy(self, name: str, tensors: Sequence[StoredTensor], dtypes: Mapping[str, torch.dtype],
                     cast: Callable[[torch.Tensor, str], torch.Tensor]) -> None:
         pass
 

@@ -174,13 +174,12 @@ class StreamingBlockStore:
     pinned buffer and on to the device (one block more in GPU memory), so ``load`` only waits for it."""
 
     def __init__(self, blocks: nn.ModuleList, blocks_path: str, reader: CheckpointReader, partial: Path,
-                 dtype: torch.dtype | None, writer: ShardWriter, config: StatPruneConfig, done: set[int],
+                 writer: ShardWriter, config: StatPruneConfig, done: set[int],
                  buffers: HostBufferPool, conversion: CheckpointConversion, prefetch: bool = True):
         self.blocks = blocks
         self.blocks_path = blocks_path
         self.reader = reader
         self.partial = partial
-        self.dtype = dtype
         self.writer = writer
         self.config = config
         self.done = done
@@ -334,16 +333,16 @@ class StreamingBlockStore:
             elif original:
                 self._schedule((0, False), device)  # the pruning pass follows the OWL pre-pass
         tensors = self.conversion.to_model(tensors)  # e.g. per-expert tensors fused, on the device
-        expected = {prefix + k for k, _ in _persistent_tensors(block)}
-        if set(tensors) != expected:
-            missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+        dtypes = {prefix + k: v.dtype for k, v in _persistent_tensors(block)}
+        if set(tensors) != set(dtypes):
+            missing, extra = sorted(set(dtypes) - set(tensors)), sorted(set(tensors) - set(dtypes))
             raise ValueError(
                 f"block {index}'s checkpoint tensors do not match the model (missing {missing[:3]}, unexpected "
                 f"{extra[:3]}), even after transformers' conversions for this architecture; prune it in memory "
                 f"(without output_dir) instead"
             )
-        for key, value in tensors.items():
-            value = cast_finite(value, self.dtype, key)
+        for key, value in tensors.items():  # in the skeleton's dtype (float32 where transformers keeps it)
+            value = cast_finite(value, dtypes[key], key)
             set_module_tensor_to_device(block, key[len(prefix):], device, value=value)
         return block
 
@@ -384,11 +383,9 @@ def _packed_size(named: list[tuple[str, torch.Tensor]]) -> int:
     return sum(aligned_nbytes(v.numel() * v.element_size()) for _, v in named)
 
 
-def _block_nbytes(block: nn.Module, dtype: torch.dtype | None) -> int:
-    """``_packed_size`` of ``block`` (a meta-device skeleton's) once loaded: floating tensors in ``dtype``."""
-    return sum(aligned_nbytes(v.numel() * (dtype.itemsize if dtype is not None and v.is_floating_point()
-                                           else v.element_size()))
-               for _, v in _persistent_tensors(block))
+def _block_nbytes(block: nn.Module) -> int:
+    """``_packed_size`` of ``block`` (a meta-device skeleton's, in the dtypes it computes in) once loaded."""
+    return _packed_size(_persistent_tensors(block))
 
 
 def _pack(prefix: str, named: list[tuple[str, torch.Tensor]], buffer: torch.Tensor,
@@ -425,20 +422,26 @@ def _persistent_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
 
 def _load_outside(model: nn.Module, blocks_path: str, reader: CheckpointReader, device: torch.device,
                   dtype: torch.dtype, conversion: CheckpointConversion, writer: ShardWriter, shard: str) -> list[str]:
-    """Load every checkpoint tensor outside the blocks into the skeleton on ``device``, in ``dtype``, and
-    queue them, unchanged but for the dtype (tied weights as the checkpoint had them), as the output's
-    ``shard``; returns their keys. Read one at a time and written straight from the source files, so host
-    memory holds chunks of them, not all of them: an embedding and ``lm_head`` of a large vocabulary are
-    gigabytes each."""
+    """Load every checkpoint tensor outside the blocks into the skeleton on ``device``, in the skeleton's
+    dtype (``dtype``, or float32 where transformers keeps a tensor so), and queue them, unchanged but for
+    the dtype (tied weights as the checkpoint had them), as the output's ``shard``; returns their keys.
+    Read one at a time and written straight from the source files, so host memory holds chunks of them,
+    not all of them: an embedding and ``lm_head`` of a large vocabulary are gigabytes each."""
     keys = [k for k in reader.tensor_names() if not k.startswith(blocks_path + ".")]
+    skeleton = {k: v.dtype for k, v in _persistent_tensors(model) if not k.startswith(blocks_path + ".")}
+    dtypes = {k: skeleton.get(k, dtype) for k in keys}  # a key the conversion renames: the run's dtype
+
+    def cast(value: torch.Tensor, key: str) -> torch.Tensor:
+        return cast_finite(value, dtypes[key], key)
+
     try:
         stored = locate(reader.files(keys))
     except KeyError:  # a dtype read_tensors does not know: safetensors reads them, and they are written whole
-        tensors = {k: cast_finite(v, dtype, k).contiguous() for k, v in reader.read(keys, "cpu").items()}
+        tensors = {k: cast(v, k).contiguous() for k, v in reader.read(keys, "cpu").items()}
         writer.submit_file(shard, tensors)
     else:
-        tensors = {k: cast_finite(v, dtype, k) for k, v in read_tensors(stored, device)}
-        writer.submit_copy(shard, stored, dtype, cast=lambda chunk, key: cast_finite(chunk, dtype, key))
+        tensors = {k: cast(v, k) for k, v in read_tensors(stored, device)}
+        writer.submit_copy(shard, stored, dtypes, cast)
     for key, value in conversion.to_model(tensors).items():
         set_module_tensor_to_device(model, key, device, value=value)
     del tensors
@@ -538,7 +541,7 @@ def prune_checkpoint(
     if done:
         logger.info("resuming %s: %d of %d blocks already pruned", output, len(done), n_blocks)
 
-    block_bytes = _block_nbytes(block_list[0], dtype) if n_blocks else 0
+    block_bytes = _block_nbytes(block_list[0]) if n_blocks else 0
     writer_threads = options.writer_threads
     if writer_threads is None:
         writer_threads = writer_threads_for(block_bytes)
@@ -554,7 +557,7 @@ def prune_checkpoint(
                              reuse=options.reuse_write_buffers)
     if buffers.pin and writer.writes and len(done) < n_blocks:
         buffers.prepare(block_bytes, 1)  # the first block's buffer, allocated while block 0 computes
-    store = StreamingBlockStore(block_list, blocks_path, reader, partial, dtype, writer, config, done, buffers,
+    store = StreamingBlockStore(block_list, blocks_path, reader, partial, writer, config, done, buffers,
                                 conversion, prefetch=options.prefetch)
     timings = {"setup_s": time.perf_counter() - started}  # where the time outside the blocks goes
     try:
@@ -615,8 +618,7 @@ def _finish(partial, output, state, report, done, n_blocks, total, outside_keys,
     files = {f: os.path.getsize(partial / f) for f in sorted(set(weight_map.values()))}
     index = {"metadata": {"total_size": sum(files.values())}, "weight_map": weight_map}
     atomic_write_text(partial / INDEX_NAME, json.dumps(index, indent=2))
-    if dtype is not None:
-        model.config.dtype = dtype
+    model.config.dtype = dtype
     model.config.pruning_config = pruning_config_block(config.resolved(), base_model)
     model.config.save_pretrained(partial)
     if getattr(model, "generation_config", None) is not None and model.can_generate():
@@ -625,7 +627,7 @@ def _finish(partial, output, state, report, done, n_blocks, total, outside_keys,
         tokenizer.save_pretrained(partial)
     config.save_pretrained(partial)
     info = {"name_or_path": base_model or str(source), "architecture": type(model).__name__,
-            "dtype": str(dtype or model.config.dtype)}
+            "dtype": str(dtype)}
     write_manifest(partial, build_manifest(config.resolved(), report.layers, calibration_info, info, report.seconds,
                                            report.owl, tensors=tensors, files=files, world_size=world_size),
                    published=False)
