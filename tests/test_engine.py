@@ -394,3 +394,28 @@ def test_text_file_calibration_uses_random_windows_capped_to_the_context(tmp_pat
         pruner.prune(str(corpus), progress=False)
     assert pruner.calibration_info["nsamples"] == 3 and pruner.calibration_info["seqlen"] == 256
     assert any("256" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="pinned host activations need a GPU"))])
+def test_activations_kept_on_the_host_give_the_same_pruned_weights(device, monkeypatch):
+    """``activations="host"`` keeps the calibration hidden states in host memory between blocks (pinned
+    where a GPU exists) and copies each batch back for the block: the pruned weights are those of
+    ``activations="device"`` bit for bit, and the states really were on the host."""
+    from optimum_statprune.engine import loop
+
+    seen = []
+    capture = loop.capture_block_inputs
+    monkeypatch.setattr(loop, "capture_block_inputs", lambda *a, **k: seen.append(capture(*a, **k)) or seen[-1])
+    cfg = StatPruneConfig(method="statprune", sample_tokens=32)
+    weights = {}
+    for placement in ("device", "host"):
+        pruner = StatPruner.from_pretrained(build("llama"), config=cfg, device=device)
+        pruner.prune(token_ids(6, 16), progress=False, activations=placement)
+        weights[placement] = {t.name: t.weight().detach().cpu().clone() for t in _targets(pruner.model)}
+    device_run, host_run = seen
+    assert not device_run.on_host and all(h.device.type == device for h in device_run.hidden)
+    assert host_run.on_host and all(h.device.type == "cpu" for h in host_run.hidden)
+    assert all(h.is_pinned() for h in host_run.hidden) == (device == "cuda")
+    assert weights["device"].keys() == weights["host"].keys()
+    assert all(torch.equal(weights["device"][k], weights["host"][k]) for k in weights["device"])

@@ -64,9 +64,13 @@ ACTIVATION_PLACEMENTS = ("auto", "device", "host")
 
 
 def to_host(t: torch.Tensor) -> torch.Tensor:
-    """``t`` on the host, pinned where a GPU exists so copying it back to the GPU can overlap compute."""
-    t = t.to("cpu")
-    return t.pin_memory() if torch.cuda.is_available() else t
+    """``t`` on the host, pinned where a GPU exists so copying it back to the GPU can overlap compute:
+    copied once, straight into pinned memory (not to pageable memory first, then pinned)."""
+    if not torch.cuda.is_available():
+        return t.to("cpu")
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    out.copy_(t)
+    return out
 
 
 def choose_placement(
