@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import build, save_tiny_llama, token_ids
+from tiny_models import BUILDERS, build, save_tiny_llama, token_ids
 from transformers import AutoModelForCausalLM
 
 from optimum_statprune import StatPruneConfig, StatPruner
@@ -88,6 +88,22 @@ def test_streamed_runs_and_writes_in_the_dtype_the_in_memory_path_loads(tmp_path
     in_memory.save_pretrained(tmp_path / "memory")
     _assert_identical(tmp_path / "streamed", tmp_path / "memory")
     assert {v.dtype for v in _tensors(tmp_path / "streamed").values()} == {torch.float16}
+
+
+@pytest.mark.parametrize("arch", sorted(BUILDERS))
+def test_every_architecture_streams_bit_for_bit_as_in_memory_in_bfloat16(tmp_path, arch):
+    """Every supported architecture, a float32 checkpoint pruned as bfloat16: the streamed output is the
+    in-memory prune-and-save, tensor by tensor and dtype by dtype (sliding windows, fused QKV, MoE experts,
+    tied embeddings)."""
+    build(arch).save_pretrained(tmp_path / "src", max_shard_size="40KB")
+    cfg = StatPruneConfig(method="statprune", sample_tokens=32)
+    ids = token_ids(6, 16)
+    StatPruner.from_pretrained(tmp_path / "src", config=cfg, device="cpu", dtype=torch.bfloat16).prune(
+        ids, output_dir=tmp_path / "streamed", progress=False)
+    in_memory = StatPruner.from_pretrained(tmp_path / "src", config=cfg, device="cpu", dtype=torch.bfloat16)
+    in_memory.prune(ids, progress=False)
+    in_memory.save_pretrained(tmp_path / "memory")
+    _assert_identical(tmp_path / "streamed", tmp_path / "memory")
 
 
 def test_a_tensor_transformers_keeps_in_float32_is_streamed_in_float32(tmp_path):
