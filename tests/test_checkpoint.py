@@ -310,6 +310,32 @@ def test_pruning_seconds_add_up_across_resumed_processes(tmp_path):
     assert read_manifest(out)["pruning_seconds"] == pruner.report.seconds >= 200
 
 
+def test_resume_compares_the_dtype_the_blocks_were_computed_in(tmp_path, caplog):
+    """A partial records the dtype its blocks were computed in, as resolved: one begun without ``dtype``
+    on a float32 checkpoint resumes with ``dtype=float32`` given (same blocks), one that recorded no dtype
+    (as earlier versions did, whose blocks may be in another) is refused, naming it, and another dtype is
+    refused too."""
+    src, out = _four_blocks(tmp_path / "src"), tmp_path / "out"
+    state = _crash(src, out)
+    assert state["identity"]["dtype"] == "torch.float32"
+    state_file = out.with_name(f".{out.name}.partial") / "statprune_state.json"
+    older = json.loads(state_file.read_text())
+    older["identity"]["dtype"] = None
+    state_file.write_text(json.dumps(older))
+    with pytest.raises(ResumeMismatchError, match="dtype"):
+        _prune(src, out)
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(ResumeMismatchError, match="dtype"):
+        StatPruner.from_pretrained(src, config=WANDA, device="cpu", dtype=torch.bfloat16).prune(
+            token_ids(6, 16), output_dir=out, progress=False)
+    with caplog.at_level("INFO", logger="optimum_statprune"):
+        StatPruner.from_pretrained(src, config=WANDA, device="cpu", dtype=torch.float32).prune(
+            token_ids(6, 16), output_dir=out, progress=False)
+    assert "2 of 4 blocks already pruned" in caplog.text
+    _prune(src, tmp_path / "whole")
+    assert _same(out, tmp_path / "whole")
+
+
 # ---------------------------------------------------------------------------------------- shapes
 def test_nm_widths_are_checked_from_the_shapes_before_any_weight_is_read(checkpoint, tmp_path, monkeypatch):
     """2:3 on 64-wide layers: refused naming a layer and its width, before any tensor is read (streaming)

@@ -518,7 +518,6 @@ def prune_checkpoint(
     dist = dist if dist is not None else DistContext()
     output = dist.on_main(lambda: check_output(output_dir, overwrite, source))
     reader = CheckpointReader(source)
-    requested = dtype
     dtype = dtype or _auto_dtype(source, reader, trust_remote_code)
     model = build_skeleton(source, trust_remote_code, dtype)
     blocks_path, block_list = find_blocks(model, blocks)
@@ -531,7 +530,7 @@ def prune_checkpoint(
         "config": config.resolved(),
         "calibration": calibration_info,
         "checkpoint": reader.fingerprint(),
-        "dtype": str(requested) if requested is not None else None,
+        "dtype": str(dtype),  # as resolved: a partial whose blocks were computed in another is not resumed
     }
     if dist.active:  # sums in another order: a resume must not mix world sizes
         identity["world_size"] = dist.world_size
