@@ -39,6 +39,18 @@ def _assert_identical(a, b):
         assert ta[k].dtype == tb[k].dtype and torch.equal(ta[k], tb[k]), k  # equal alone promotes dtypes
 
 
+def _assert_streamed_equals_in_memory(src, tmp_path, cfg, device="cpu", **loading) -> None:
+    """Prune ``src`` streamed into ``tmp_path/streamed`` and in memory, saved to ``tmp_path/memory``: the
+    same tensors, bit for bit and dtype for dtype."""
+    ids = token_ids(6, 16)
+    StatPruner.from_pretrained(src, config=cfg, device=device, **loading).prune(
+        ids, output_dir=tmp_path / "streamed", progress=False)
+    in_memory = StatPruner.from_pretrained(src, config=cfg, device=device, **loading)
+    in_memory.prune(ids, progress=False)
+    in_memory.save_pretrained(tmp_path / "memory")
+    _assert_identical(tmp_path / "streamed", tmp_path / "memory")
+
+
 @pytest.fixture
 def checkpoint(tmp_path):
     return save_tiny_llama(tmp_path / "src", "40KB")
@@ -78,15 +90,9 @@ def test_streamed_runs_and_writes_in_the_dtype_the_in_memory_path_loads(tmp_path
     if requested is None:
         config_file = tmp_path / "src" / "config.json"
         config_file.write_text(json.dumps({k: v for k, v in json.loads(config_file.read_text()).items() if k != "dtype"}))
-    cfg = StatPruneConfig(method="wanda", sample_tokens=32)
     kwargs = {"dtype": requested} if requested is not None else {}
-    ids = token_ids(6, 16)
-    StatPruner.from_pretrained(tmp_path / "src", config=cfg, device=device, **kwargs).prune(
-        ids, output_dir=tmp_path / "streamed", progress=False)
-    in_memory = StatPruner.from_pretrained(tmp_path / "src", config=cfg, device=device, **kwargs)
-    in_memory.prune(ids, progress=False)
-    in_memory.save_pretrained(tmp_path / "memory")
-    _assert_identical(tmp_path / "streamed", tmp_path / "memory")
+    _assert_streamed_equals_in_memory(tmp_path / "src", tmp_path, StatPruneConfig(method="wanda", sample_tokens=32),
+                                      device, **kwargs)
     assert {v.dtype for v in _tensors(tmp_path / "streamed").values()} == {torch.float16}
 
 
@@ -96,14 +102,8 @@ def test_every_architecture_streams_bit_for_bit_as_in_memory_in_bfloat16(tmp_pat
     in-memory prune-and-save, tensor by tensor and dtype by dtype (sliding windows, fused QKV, MoE experts,
     tied embeddings)."""
     build(arch).save_pretrained(tmp_path / "src", max_shard_size="40KB")
-    cfg = StatPruneConfig(method="statprune", sample_tokens=32)
-    ids = token_ids(6, 16)
-    StatPruner.from_pretrained(tmp_path / "src", config=cfg, device="cpu", dtype=torch.bfloat16).prune(
-        ids, output_dir=tmp_path / "streamed", progress=False)
-    in_memory = StatPruner.from_pretrained(tmp_path / "src", config=cfg, device="cpu", dtype=torch.bfloat16)
-    in_memory.prune(ids, progress=False)
-    in_memory.save_pretrained(tmp_path / "memory")
-    _assert_identical(tmp_path / "streamed", tmp_path / "memory")
+    _assert_streamed_equals_in_memory(tmp_path / "src", tmp_path, StatPruneConfig(method="statprune", sample_tokens=32),
+                                      dtype=torch.bfloat16)
 
 
 def test_a_tensor_transformers_keeps_in_float32_is_streamed_in_float32(tmp_path):
@@ -119,14 +119,8 @@ def test_a_tensor_transformers_keeps_in_float32_is_streamed_in_float32(tmp_path)
                             num_experts_per_tok=2, first_k_dense_replace=1, n_shared_experts=1,
                             max_position_embeddings=256)
     tf.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "src", max_shard_size="40KB")
-    cfg = StatPruneConfig(method="wanda", sample_tokens=32)
-    ids = token_ids(6, 16)
-    StatPruner.from_pretrained(tmp_path / "src", config=cfg, device="cpu", dtype=torch.bfloat16).prune(
-        ids, output_dir=tmp_path / "streamed", progress=False)
-    in_memory = StatPruner.from_pretrained(tmp_path / "src", config=cfg, device="cpu", dtype=torch.bfloat16)
-    in_memory.prune(ids, progress=False)
-    in_memory.save_pretrained(tmp_path / "memory")
-    _assert_identical(tmp_path / "streamed", tmp_path / "memory")
+    _assert_streamed_equals_in_memory(tmp_path / "src", tmp_path, StatPruneConfig(method="wanda", sample_tokens=32),
+                                      dtype=torch.bfloat16)
     router = "model.layers.1.mlp.gate.weight"
     assert _tensors(tmp_path / "streamed")[router].dtype == torch.float32
     assert torch.equal(_tensors(tmp_path / "streamed")[router], _tensors(tmp_path / "src")[router])
