@@ -400,7 +400,7 @@ def test_text_file_calibration_uses_random_windows_capped_to_the_context(tmp_pat
     not torch.cuda.is_available(), reason="pinned host activations need a GPU"))])
 def test_activations_kept_on_the_host_give_the_same_pruned_weights(device, monkeypatch):
     """``activations="host"`` keeps the calibration hidden states in host memory between blocks (pinned
-    where a GPU exists) and copies each batch back for the block: the pruned weights are those of
+    when the blocks run on a GPU) and copies each batch back for the block: the pruned weights are those of
     ``activations="device"`` bit for bit, and the states really were on the host."""
     from optimum_statprune.engine import loop
 

@@ -64,9 +64,9 @@ ACTIVATION_PLACEMENTS = ("auto", "device", "host")
 
 
 def to_host(t: torch.Tensor) -> torch.Tensor:
-    """``t`` on the host, pinned where a GPU exists so copying it back to the GPU can overlap compute:
-    copied once, straight into pinned memory (not to pageable memory first, then pinned)."""
-    if not torch.cuda.is_available():
+    """``t`` on the host; from a GPU, pinned so copying it back can overlap compute, and copied once,
+    straight into pinned memory (not to pageable memory first, then pinned)."""
+    if not t.is_cuda:
         return t.to("cpu")
     out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
     out.copy_(t)
