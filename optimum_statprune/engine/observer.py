@@ -183,8 +183,14 @@ def observe(block, inputs, i, hidden, observer: Observer, targets=None, stop=Fal
 
 
 def input_groups(block, inputs, i, hidden, targets: list[Target]) -> list[list[Target]]:
-    """Targets grouped by the tensor they read (q/k/v share one input), in the order the block runs them."""
+    """Targets grouped by the tensor they read (q/k/v share one input), in the order the block runs them.
+
+    A tensor is recognised by identity while it lives (a weak reference), never by its address: the
+    allocator hands a freed tensor's memory to the next one of the same size, and gate/up's input once
+    took q/k/v's, which put gate/up in q/k/v's group, observed before attention was pruned, in some runs
+    and not others."""
     order: list[tuple[int, Target]] = []
+    read: list[weakref.ref] = []  # the inputs seen, in order; a group is an index into it
     handles = []
     by_module: dict[int, list[Target]] = {}
     for t in targets:
@@ -193,9 +199,11 @@ def input_groups(block, inputs, i, hidden, targets: list[Target]) -> list[list[T
 
         def hook(module, args, kwargs, ts=ts):
             x = args[0] if args else next(iter(kwargs.values()))
-            key = (x.data_ptr(), tuple(x.shape))
-            for t in ts:
-                order.append((hash(key), t))
+            group = next((g for g, ref in enumerate(read) if ref() is x), None)
+            if group is None:
+                group = len(read)
+                read.append(weakref.ref(x))
+            order.extend((group, t) for t in ts)
 
         handles.append(ts[0].module.register_forward_pre_hook(hook, with_kwargs=True))
     try:
@@ -204,8 +212,8 @@ def input_groups(block, inputs, i, hidden, targets: list[Target]) -> list[list[T
         for h in handles:
             h.remove()
     groups: dict[int, list[Target]] = {}
-    for key, t in order:
-        if t not in groups.setdefault(key, []):
-            groups[key].append(t)
+    for group, t in order:
+        if t not in groups.setdefault(group, []):
+            groups[group].append(t)
     # Fused experts read the same tensor as their siblings only by accident; keep each module whole.
     return list(groups.values())
