@@ -1,7 +1,8 @@
 """Prune straight from checkpoint shards to output shards, never holding the whole model in host memory.
 
-The model skeleton is built on the meta device; embeddings and other tensors outside the blocks are
-loaded once for the capture; each block is read from the input safetensors to the compute device,
+The model skeleton is built on the meta device, in the dtype the run computes in (per tensor: float32
+where transformers keeps one so); embeddings and other tensors outside the blocks are loaded once for the
+capture, and copied to the output from the source files a chunk at a time; each block is read from the input safetensors to the compute device,
 pruned, written to its own output shard by a background thread (which also hashes it), then dropped
 back to meta. Progress lives in ``.<name>.partial/`` beside the output directory, which is published
 (``checkpoint.directories.publish``) only when complete; running the same command again resumes from the
