@@ -126,8 +126,8 @@ def test_a_copy_written_a_chunk_at_a_time_is_a_valid_file_of_the_same_tensors(tm
 
 
 def test_tensors_outside_the_blocks_are_written_from_the_source_files(checkpoint, tmp_path, monkeypatch):
-    """The embedding and ``lm_head`` are copied a chunk at a time from the source (not held in memory as a
-    whole until written), read one at a time for the model, and the output has them bit for bit."""
+    """The embedding and ``lm_head`` are copied to the output from the source files (``submit_copy``, a chunk
+    at a time), never handed to the writer whole, and the output has them bit for bit."""
     copies = []
     submit = streaming.ShardWriter.submit_copy
     monkeypatch.setattr(streaming.ShardWriter, "submit_copy",

@@ -2,9 +2,9 @@
 
 The model skeleton is built on the meta device, in the dtype the run computes in (per tensor: float32
 where transformers keeps one so); embeddings and other tensors outside the blocks are loaded once for the
-capture, and copied to the output from the source files a chunk at a time; each block is read from the input safetensors to the compute device,
-pruned, written to its own output shard by a background thread (which also hashes it), then dropped
-back to meta. Progress lives in ``.<name>.partial/`` beside the output directory, which is published
+capture, and copied to the output from the source files a chunk at a time; each block is read from the
+input safetensors to the compute device, pruned, written to its own output shard by a background thread
+(which also hashes it), then dropped back to meta. Progress lives in ``.<name>.partial/`` beside the output directory, which is published
 (``checkpoint.directories.publish``) only when complete; running the same command again resumes from the
 finished blocks, after checking the source and each reused shard (``checkpoint.resume``; what is
 guaranteed is in docs/performance.md). The shard writer and its host buffers are in ``checkpoint.writer``.
@@ -38,7 +38,7 @@ from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
 from safetensors import safe_open
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig
 
 from ..checkpoint.atomic import atomic_write_text, fsync_path
 from ..checkpoint.directories import check_output, partial_dir, publish
@@ -384,11 +384,6 @@ def _packed_size(named: list[tuple[str, torch.Tensor]]) -> int:
     return sum(aligned_nbytes(v.numel() * v.element_size()) for _, v in named)
 
 
-def _block_nbytes(block: nn.Module) -> int:
-    """``_packed_size`` of ``block`` (a meta-device skeleton's, in the dtypes it computes in) once loaded."""
-    return _packed_size(_persistent_tensors(block))
-
-
 def _pack(prefix: str, named: list[tuple[str, torch.Tensor]], buffer: torch.Tensor,
           stream: torch.cuda.Stream | None = None) -> tuple[dict[str, torch.Tensor], torch.cuda.Event | None]:
     """Copies of ``named`` on the host, packed into ``buffer`` (at least ``_packed_size(named)`` bytes).
@@ -454,12 +449,12 @@ def _load_outside(model: nn.Module, blocks_path: str, reader: CheckpointReader, 
     return keys
 
 
-def build_skeleton(source: str | os.PathLike, trust_remote_code: bool = False,
-                   dtype: torch.dtype | None = None) -> nn.Module:
+def build_skeleton(source: str | os.PathLike, trust_remote_code: bool = False, dtype: torch.dtype | None = None,
+                   config: PreTrainedConfig | None = None) -> nn.Module:
     """The model on the meta device, its floating tensors in ``dtype`` (the config's when None): no weights
     are read or allocated. Checkpoint tensors loaded into it take its dtypes, so the skeleton's dtype is
-    the one the blocks compute in."""
-    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    the one the blocks compute in. ``config``: ``source``'s, when already loaded."""
+    config = config or AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     kwargs = {"dtype": dtype} if dtype is not None else {}
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, **kwargs)
@@ -519,8 +514,9 @@ def prune_checkpoint(
     dist = dist if dist is not None else DistContext()
     output = dist.on_main(lambda: check_output(output_dir, overwrite, source))
     reader = CheckpointReader(source)
-    dtype = dtype or _auto_dtype(source, reader, trust_remote_code)
-    model = build_skeleton(source, trust_remote_code, dtype)
+    model_config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    dtype = dtype or _auto_dtype(model_config, reader)
+    model = build_skeleton(source, trust_remote_code, dtype, model_config)
     blocks_path, block_list = find_blocks(model, blocks)
     check_pattern_widths(model, config, blocks)
     n_blocks = len(block_list)
@@ -541,7 +537,7 @@ def prune_checkpoint(
     if done:
         logger.info("resuming %s: %d of %d blocks already pruned", output, len(done), n_blocks)
 
-    block_bytes = _block_nbytes(block_list[0]) if n_blocks else 0
+    block_bytes = _packed_size(_persistent_tensors(block_list[0])) if n_blocks else 0  # the skeleton's dtypes
     writer_threads = options.writer_threads
     if writer_threads is None:
         writer_threads = writer_threads_for(block_bytes)
@@ -655,10 +651,9 @@ def _make_cuda_context(device: torch.device) -> threading.Thread | None:
     return thread
 
 
-def _auto_dtype(source: str | os.PathLike, reader: CheckpointReader, trust_remote_code: bool) -> torch.dtype:
+def _auto_dtype(config: PreTrainedConfig, reader: CheckpointReader) -> torch.dtype:
     """The dtype ``from_pretrained(dtype="auto")`` loads the checkpoint in, as the in-memory path does: the
     config's, else the first floating dtype stored, else float32."""
-    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     named = getattr(config, "dtype", None)
     if isinstance(named, str):
         named = getattr(torch, named)
